@@ -1,0 +1,106 @@
+"""The model card: one versioned pydantic document written by training and read by the service.
+
+It carries everything the service needs to reproduce the training-time preprocessing and to trust the
+ONNX files beside it (their SHA-256), plus provenance and measured quality for the people who deploy it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from service.clean import CleanConfig
+from service.errors import ModelRepositoryError
+
+CARD_FILENAME = "model_card.json"
+BACKBONE_NAME = "fusc_backbone"
+HEAD_NAME = "fusc_head"
+ENSEMBLE_NAME = "fusc_ensemble"
+
+
+class OnnxModel(BaseModel):
+    """One ONNX model in Triton layout: ``<repository>/<name>/<version>/model.onnx``."""
+
+    name: str
+    version: int = 1
+    input_name: str
+    output_name: str
+    sha256: str
+
+    def path(self, repository: Path) -> Path:
+        return Path(repository) / self.name / str(self.version) / "model.onnx"
+
+
+class Provenance(BaseModel):
+    command: str = ""
+    datasets: list[str] = Field(default_factory=list)
+    num_images: int = 0
+    ssl_method: str = ""
+    backbone_arch: str = ""
+    epochs: dict[str, int] = Field(default_factory=dict)
+    seed: int = 0
+    git_commit: str = ""
+    torch_version: str = ""
+    device: str = ""
+    note: str = ""
+
+
+class ModelCard(BaseModel):
+    schema_version: Literal[1] = 1
+    name: str = "fusc"
+    version: str
+    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    demonstration_only: bool = True
+    preprocess: CleanConfig
+    embedding_dim: int
+    num_clusters: int
+    cluster_names: dict[int, str] = Field(default_factory=dict)
+    backbone: OnnxModel
+    head: OnnxModel
+    provenance: Provenance = Field(default_factory=Provenance)
+    quality: dict[str, Any] = Field(default_factory=dict)
+
+    def view_name(self, cluster: int) -> str | None:
+        return self.cluster_names.get(cluster)
+
+    def write(self, repository: Path) -> Path:
+        path = Path(repository) / CARD_FILENAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_card(repository: Path, *, verify: bool = True) -> ModelCard:
+    """Read and validate the card; with ``verify`` refuse a repository whose ONNX files do not match it."""
+    repository = Path(repository)
+    path = repository / CARD_FILENAME
+    if not path.is_file():
+        raise ModelRepositoryError(f"no {CARD_FILENAME} in model repository {repository}")
+    try:
+        card = ModelCard.model_validate(json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ModelRepositoryError(f"{path} is not a valid model card: {exc}") from exc
+    if verify:
+        for model in (card.backbone, card.head):
+            onnx_path = model.path(repository)
+            if not onnx_path.is_file():
+                raise ModelRepositoryError(f"model card names {onnx_path}, which does not exist")
+            digest = sha256_file(onnx_path)
+            if digest != model.sha256:
+                raise ModelRepositoryError(
+                    f"{onnx_path} has SHA-256 {digest[:12]}…, the model card expects {model.sha256[:12]}…: "
+                    "the repository was changed after export; re-export or restore it"
+                )
+    return card

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn")
+
+from training.metrics import cluster_metrics, cluster_purity, hungarian_accuracy  # noqa: E402
+
+
+def test_purity_worked_example():
+    # cluster 0: a a b -> 2 ; cluster 1: b b ; cluster 2: c -> purity (2 + 2 + 1) / 6
+    pred = np.array([0, 0, 0, 1, 1, 2])
+    labels = np.array(["a", "a", "b", "b", "b", "c"])
+    assert cluster_purity(pred, labels) == pytest.approx(5 / 6)
+
+
+def test_hungarian_accuracy_counts_one_cluster_per_class():
+    # Two clusters both mostly "a": only one may map to "a", the other gets "b".
+    pred = np.array([0, 0, 0, 1, 1, 1])
+    labels = np.array(["a", "a", "b", "a", "a", "b"])
+    # best map: 0->a (2) and 1->b (1) or 0->b (1), 1->a (2): 3/6
+    assert hungarian_accuracy(pred, labels) == pytest.approx(0.5)
+    assert cluster_purity(pred, labels) == pytest.approx(4 / 6)
+
+
+def test_perfect_and_permuted_clustering():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    pred = np.array([2, 2, 0, 0, 1, 1])
+    m = cluster_metrics(pred, labels)
+    assert m["purity"] == m["acc"] == pytest.approx(1.0)
+    assert m["nmi"] == pytest.approx(1.0)
+    assert m["ari"] == pytest.approx(1.0)
+    assert m["filled_clusters"] == 3
+
+
+def test_single_cluster_has_zero_nmi():
+    labels = np.array([0, 0, 1, 1])
+    m = cluster_metrics(np.zeros(4, int), labels)
+    assert m["nmi"] == pytest.approx(0.0)
+    assert m["purity"] == pytest.approx(0.5)

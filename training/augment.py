@@ -1,0 +1,97 @@
+"""Ultrasound-aware augmentations, applied batch-wise to cached uint8 frames on the training device.
+
+No colour jitter (the data is gray): random resized crops and small rotations (probe position and
+depth), horizontal flips (left/right is arbitrary in these planes), gain and gamma (machine settings),
+multiplicative speckle and blur (transducer and resolution), and cut-outs (shadows, missing windows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: tuple[float, float] = (0.35, 1.0)
+    max_rotation_deg: float = 15.0
+    flip_p: float = 0.5
+    gain: tuple[float, float] = (0.7, 1.3)
+    gamma: tuple[float, float] = (0.7, 1.4)
+    speckle_p: float = 0.5
+    speckle_std: float = 0.25
+    blur_p: float = 0.3
+    cutout_p: float = 0.3
+
+
+WEAK = AugmentConfig(scale=(0.7, 1.0), max_rotation_deg=8.0, speckle_p=0.2, blur_p=0.1, cutout_p=0.0)
+STRONG = AugmentConfig()
+
+
+def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, device=device).uniform_(lo, hi)
+
+
+def augment(
+    images: torch.Tensor, cfg: AugmentConfig, mean: float, std: float, out_size: int | None = None
+) -> torch.Tensor:
+    """uint8 [N,H,W] -> normalised float32 [N,1,S,S] with independent random transforms per image."""
+    x = images.float().unsqueeze(1) / 255.0
+    n, dev = x.shape[0], x.device
+    size = out_size or x.shape[-1]
+
+    # Geometry: one affine grid per image = crop scale, aspect, translation, rotation, flip.
+    area = _uniform(n, *cfg.scale, dev)
+    log_ratio = _uniform(n, math.log(3 / 4), math.log(4 / 3), dev)
+    sx = torch.sqrt(area * torch.exp(log_ratio)).clamp(max=1.0)
+    sy = torch.sqrt(area / torch.exp(log_ratio)).clamp(max=1.0)
+    tx = (1 - sx) * _uniform(n, -1, 1, dev)
+    ty = (1 - sy) * _uniform(n, -1, 1, dev)
+    theta_r = _uniform(n, -1, 1, dev) * math.radians(cfg.max_rotation_deg)
+    flip = torch.where(torch.rand(n, device=dev) < cfg.flip_p, -1.0, 1.0)
+    cos, sin = torch.cos(theta_r), torch.sin(theta_r)
+    theta = torch.stack(
+        [
+            torch.stack([sx * cos * flip, -sy * sin, tx], dim=1),
+            torch.stack([sx * sin * flip, sy * cos, ty], dim=1),
+        ],
+        dim=1,
+    )
+    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    # Intensity: gain and gamma like a sonographer turning knobs.
+    x = x.clamp(0, 1) ** _uniform(n, *cfg.gamma, dev).view(n, 1, 1, 1)
+    x = x * _uniform(n, *cfg.gain, dev).view(n, 1, 1, 1)
+
+    if cfg.speckle_p > 0:
+        on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.speckle_p).float()
+        noise = 1 + cfg.speckle_std * torch.randn_like(x)
+        x = x * (1 - on + on * noise)
+    if cfg.blur_p > 0:
+        on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.blur_p).float()
+        k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], device=dev)
+        k = (k[:, None] * k[None, :]) / 256.0
+        blurred = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k.view(1, 1, 5, 5))
+        x = on * blurred + (1 - on) * x
+    if cfg.cutout_p > 0:
+        on = torch.rand(n, device=dev) < cfg.cutout_p
+        side = (_uniform(n, 0.1, 0.3, dev) * size).long()
+        cy = (torch.rand(n, device=dev) * size).long()
+        cx = (torch.rand(n, device=dev) * size).long()
+        yy = torch.arange(size, device=dev).view(1, size, 1)
+        xx = torch.arange(size, device=dev).view(1, 1, size)
+        box = ((yy - cy.view(n, 1, 1)).abs() < side.view(n, 1, 1) // 2) & (
+            (xx - cx.view(n, 1, 1)).abs() < side.view(n, 1, 1) // 2
+        )
+        x = x.masked_fill((box & on.view(n, 1, 1)).unsqueeze(1), 0.0)
+
+    return (x.clamp(0, 1) - mean) / std
+
+
+def plain(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """The serving-time view: no augmentation, just normalisation (the same formula as service.clean)."""
+    return (images.float().unsqueeze(1) / 255.0 - mean) / std

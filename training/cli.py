@@ -1,0 +1,55 @@
+"""Command line of the offline package: ``train`` (a full run into a model repository) and ``phantoms``."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="SSL backbone + FUSC cluster head, exported to a model repository")
+    t.add_argument("--preset", default="cpu-small", help="smoke | cpu-small | gpu-paper")
+    t.add_argument("--config", type=Path, help="JSON file merged over the preset")
+    t.add_argument("--data", action="append", default=[], help="kind:path with kind csv | fpdb | folder")
+    t.add_argument("--phantoms", type=int, help="add this many generated phantom images")
+    t.add_argument("--clusters", type=int, help="number of clusters K")
+    t.add_argument("--ssl-epochs", type=int)
+    t.add_argument("--cluster-epochs", type=int)
+    t.add_argument("--size", type=int, help="model input side in pixels")
+    t.add_argument("--test-fraction", type=float, help="share of subjects held out for inductive evaluation")
+    t.add_argument("--name-clusters-from-labels", action="store_true", default=None)
+    t.add_argument("--version", help="model version written into the card")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--out", type=Path, default=Path("model_repository"))
+    t.add_argument("--run-dir", type=Path, default=Path("runs/latest"))
+
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "train":
+        if rest:
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        from training.config import build_config
+        from training.run import run
+
+        overrides = {
+            "data": args.data or None,
+            "phantoms": args.phantoms,
+            "seed": args.seed,
+            "device": args.device,
+            "version": args.version,
+            "test_fraction": args.test_fraction,
+            "name_clusters_from_labels": args.name_clusters_from_labels,
+            "clean": {"size": args.size} if args.size else None,
+            "ssl": {"epochs": args.ssl_epochs} if args.ssl_epochs else None,
+            "cluster": {k: v for k, v in {"num_clusters": args.clusters, "epochs": args.cluster_epochs}.items() if v}
+            or None,
+        }
+        cfg = build_config(args.preset, args.config, **overrides)
+        run(cfg, args.out, args.run_dir, command="python -m training " + shlex.join(argv))
+    return 0

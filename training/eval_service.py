@@ -1,0 +1,138 @@
+"""Evaluate a running (or self-started) fusc service on a labelled image set, against k-means on raw pixels.
+
+    python -m training.eval_service --data csv:../shared/data/fetal_planes_db [--url http://127.0.0.1:3000]
+
+Without ``--url`` it starts the real BentoML server on a free loopback port with ``--model-repository``
+and stops it at the end. Labels are read only here, for scoring; the service never sees them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+from sklearn.cluster import KMeans
+
+from service.decode import decode_image
+from training.data import read_spec
+from training.metrics import cluster_metrics
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(model_repository: Path, timeout: float = 90.0) -> Iterator[str]:
+    """Start ``bentoml serve service.api:FuscService`` on 127.0.0.1 and yield its base URL."""
+    port = free_port()
+    env = dict(os.environ, FUSC_MODEL_REPOSITORY=str(Path(model_repository).resolve()))
+    bentoml = Path(sys.executable).parent / "bentoml"
+    proc = subprocess.Popen(
+        [str(bentoml), "serve", "service.api:FuscService", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError(f"the service was not ready after {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def cluster_via_service(url: str, paths: list[Path], chunk: int = 16) -> list[int | None]:
+    """Post the images to ``/v1/cluster/batch``; returns each image's cluster (None where it was refused)."""
+    out: list[int | None] = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for i in range(0, len(paths), chunk):
+            files = [("images", (f"image{j}", p.read_bytes(), "application/octet-stream"))
+                     for j, p in enumerate(paths[i : i + chunk])]
+            resp = client.post("/v1/cluster/batch", files=files)
+            resp.raise_for_status()
+            out += [r.get("cluster") if "error" not in r else None for r in resp.json()["results"]]
+    return out
+
+
+def raw_pixel_features(paths: list[Path], side: int = 32) -> np.ndarray:
+    """The naive baseline: decoded gray frames, uncleaned, downscaled to side x side."""
+    import cv2
+
+    feats = [cv2.resize(decode_image(p.read_bytes()), (side, side), interpolation=cv2.INTER_AREA) for p in paths]
+    return np.stack(feats).reshape(len(paths), -1).astype(np.float32) / 255.0
+
+
+def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
+    images = read_spec(data)
+    keep = [i for i, lab in enumerate(images.labels) if lab]
+    paths = [images.paths[i] for i in keep]
+    labels = np.array([images.labels[i] for i in keep])
+    model = httpx.get(f"{url}/v1/model", timeout=10).json()
+    k = int(model["num_clusters"])
+    clusters = cluster_via_service(url, paths)
+    served = np.array([c is not None for c in clusters])
+    pred = np.array([c if c is not None else -1 for c in clusters])
+    raw = KMeans(n_clusters=min(k, len(paths)), n_init=10, random_state=seed).fit_predict(raw_pixel_features(paths))
+    classes, counts = np.unique(labels, return_counts=True)
+    return {
+        "data": data,
+        "n_images": len(paths),
+        "n_refused": int((~served).sum()),
+        "classes": {str(c): int(n) for c, n in zip(classes, counts)},
+        "model_version": model.get("version"),
+        "k": k,
+        "service": cluster_metrics(pred[served], labels[served]),
+        "kmeans_raw_pixels": cluster_metrics(raw, labels),
+        "cluster_sizes": {str(c): int(n) for c, n in zip(*np.unique(pred, return_counts=True))},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m training.eval_service", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="labelled set, kind:path (csv | fpdb)")
+    ap.add_argument("--url", help="base URL of a running service; default: start one")
+    ap.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")
+    ap.add_argument("--out", type=Path, help="write the result JSON here too")
+    args = ap.parse_args(argv)
+    if args.url:
+        result = evaluate_service(args.url, args.data)
+    else:
+        with serve(args.model_repository) as url:
+            result = evaluate_service(url, args.data)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""Networks: the SSL backbone (a ResNet for 1-channel ultrasound), the projection MLP and the cluster heads."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.short is None else self.short(x)))
+
+
+class ResNet(nn.Module):
+    """ResNet18 layout (2-2-2-2 basic blocks) with a width knob: width=64 is the standard ResNet18.
+
+    One input channel: ultrasound is gray, and a 3-channel stem would only triple the first conv's cost.
+    ``small_stem`` replaces the 7x7/2 conv + max-pool by a 3x3/1 conv for inputs of 64 px and below.
+    """
+
+    def __init__(self, width: int = 64, in_chans: int = 1, small_stem: bool = False):
+        super().__init__()
+        if small_stem:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            )
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv2d(in_chans, width, 7, 2, 3, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        chans = [width, 2 * width, 4 * width, 8 * width]
+        layers, cin = [], width
+        for i, c in enumerate(chans):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(cin, c, stride), BasicBlock(c, c, 1)]
+            cin = c
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = chans[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+
+
+BACKBONES = {
+    "resnet18": lambda **kw: ResNet(width=64, **kw),
+    "resnet18-half": lambda **kw: ResNet(width=32, **kw),
+    "resnet18-quarter": lambda **kw: ResNet(width=16, **kw),
+}
+
+
+def build_backbone(name: str, *, small_stem: bool = False) -> ResNet:
+    try:
+        factory = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
+    return factory(small_stem=small_stem)
+
+
+class ProjectionMLP(nn.Module):
+    def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ClusterHeads(nn.Module):
+    """Several linear heads over the L2-normalised embedding; training keeps the one with the lowest loss."""
+
+    def __init__(self, in_dim: int, num_clusters: int, num_heads: int = 5):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(in_dim, num_clusters) for _ in range(num_heads))
+
+    def forward(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        return [h(emb) for h in self.heads]
+
+
+def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The served embedding: backbone features, L2-normalised (what kNN mining, heads and OOD all use)."""
+    return F.normalize(backbone(x), dim=1)

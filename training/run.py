@@ -1,0 +1,185 @@
+"""One training run end to end: data -> SSL backbone -> kNN mining -> FUSC heads -> evaluation -> export."""
+
+from __future__ import annotations
+
+import json
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from service.card import Provenance
+from training.cluster import predict, train_cluster_heads
+from training.config import TrainConfig
+from training.data import ImageList, load_frames, read_csv_layout, read_spec, subject_split
+from training.export import write_model_repository
+from training.knn import mine_neighbors, neighbor_accuracy
+from training.metrics import cluster_metrics
+from training.ssl import compute_embeddings, train_simclr
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def gather(cfg: TrainConfig) -> ImageList:
+    images = ImageList()
+    for spec in cfg.data:
+        images.extend(read_spec(spec))
+    if cfg.phantoms:
+        from training.phantoms import generate_dataset
+
+        root = cfg.cache_dir / f"phantoms-n{cfg.phantoms}-s{cfg.phantom_seed}"
+        if not (root / "labels.csv").exists():
+            generate_dataset(root, cfg.phantoms, seed=cfg.phantom_seed)
+        images.extend(read_csv_layout(root, name="phantoms"))
+    if not len(images):
+        raise SystemExit("no images: give --data and/or --phantoms")
+    return images
+
+
+def raw_pixels(frames: np.ndarray, side: int = 32) -> np.ndarray:
+    """Downscaled raw pixels, the naive baseline's features."""
+    import cv2
+
+    return np.stack([cv2.resize(f, (side, side), interpolation=cv2.INTER_AREA).ravel() for f in frames]).astype(
+        np.float32
+    ) / 255.0
+
+
+def evaluate(
+    pred: np.ndarray, embeddings: np.ndarray, frames: np.ndarray, labels: list, sources: list, k: int, seed: int
+) -> dict:
+    """Metrics per labelled source: the model, k-means on the same embeddings and k-means on raw pixels."""
+    out: dict = {}
+    labels_arr = np.array([lab if lab is not None else "" for lab in labels])
+    sources_arr = np.array(sources)
+    for source in sorted(set(sources)):
+        sel = (sources_arr == source) & (labels_arr != "")
+        if sel.sum() < 2 or len(set(labels_arr[sel])) < 2:
+            continue
+        kk = min(k, int(sel.sum()))
+        km_emb = KMeans(kk, n_init=10, random_state=seed).fit_predict(embeddings[sel])
+        km_raw = KMeans(kk, n_init=10, random_state=seed).fit_predict(raw_pixels(frames[sel]))
+        out[source] = {
+            "n": int(sel.sum()),
+            "classes": int(len(set(labels_arr[sel]))),
+            "fusc": cluster_metrics(pred[sel], labels_arr[sel]),
+            "kmeans_embeddings": cluster_metrics(km_emb, labels_arr[sel]),
+            "kmeans_raw_pixels": cluster_metrics(km_raw, labels_arr[sel]),
+        }
+    return out
+
+
+def name_clusters(pred: np.ndarray, labels: list, k: int, min_share: float = 0.6) -> dict[int, str]:
+    """Name a cluster after its majority label when that label holds ``min_share`` of its labelled members."""
+    names: dict[int, str] = {}
+    for c in range(k):
+        members = [labels[i] for i in np.flatnonzero(pred == c) if labels[i]]
+        if members:
+            values, counts = np.unique(members, return_counts=True)
+            if counts.max() / len(members) >= min_share:
+                names[c] = str(values[counts.argmax()])
+    return names
+
+
+def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    images = gather(cfg)
+    frames_np, ok = load_frames(images, cfg.clean, cfg.cache_dir)
+    keep = np.flatnonzero(ok)
+    frames_np = frames_np[keep]
+    labels = [images.labels[i] for i in keep]
+    subjects = [images.subjects[i] for i in keep]
+    sources = [images.sources[i] for i in keep]
+    held = subject_split(subjects, cfg.test_fraction, cfg.seed) if cfg.test_fraction > 0 else np.zeros(len(keep), bool)
+    train_idx = np.flatnonzero(~held)
+    print(f"{len(keep)} images ({len(train_idx)} train, {int(held.sum())} held out) on {device}")
+
+    frames = torch.from_numpy(frames_np)
+    backbone, ssl_hist = train_simclr(frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed)
+    emb = compute_embeddings(backbone, frames, cfg.clean, device)
+    nbrs = mine_neighbors(emb[train_idx], cfg.cluster.neighbors)
+    head, info = train_cluster_heads(
+        emb[train_idx], nbrs, cfg.cluster, device, cfg.seed, backbone, frames[train_idx], cfg.clean
+    )
+    if cfg.cluster.update_backbone:
+        emb = compute_embeddings(backbone, frames, cfg.clean, device)
+    head = head.cpu()
+    probs = predict(head, emb)
+    pred = probs.argmax(1)
+
+    def split_eval(mask: np.ndarray) -> dict:
+        idx = np.flatnonzero(mask)
+        return evaluate(
+            pred[idx], emb[idx], frames_np[idx], [labels[i] for i in idx], [sources[i] for i in idx],
+            cfg.cluster.num_clusters, cfg.seed,
+        )
+
+    labelled = np.array([lab is not None for lab in labels])
+    quality = {
+        "train_transductive": split_eval(~held),
+        "heldout_inductive": split_eval(held) if held.any() else {},
+        "neighbor_accuracy_train": (
+            neighbor_accuracy(nbrs, np.array([labels[i] or "" for i in train_idx])) if labelled.all() else None
+        ),
+        "cluster_sizes_train": np.bincount(pred[train_idx], minlength=cfg.cluster.num_clusters).tolist(),
+        "ssl_loss_per_epoch": ssl_hist,
+        "cluster_final_losses": info["final_losses"],
+        "best_head": info["best_head"],
+    }
+    names = name_clusters(pred[train_idx], [labels[i] for i in train_idx], cfg.cluster.num_clusters) if (
+        cfg.name_clusters_from_labels
+    ) else {}
+    provenance = Provenance(
+        command=command,
+        datasets=sorted(set(sources)),
+        num_images=len(keep),
+        ssl_method=cfg.ssl.method,
+        backbone_arch=cfg.ssl.backbone,
+        epochs={"ssl": cfg.ssl.epochs, "cluster": cfg.cluster.epochs},
+        seed=cfg.seed,
+        git_commit=git_commit(),
+        torch_version=torch.__version__,
+        device=f"{device.type} ({platform.processor() or platform.machine()})",
+        note="cluster names taken from majority labels of the training images" if names else "",
+    )
+    card = write_model_repository(
+        out, backbone, head,
+        {"name": cfg.name, "version": cfg.version, "preprocess": cfg.clean, "cluster_names": names,
+         "provenance": provenance, "quality": quality},
+    )
+    summary = {"seconds": round(time.time() - t0, 1), "card_version": card.version, "quality": quality}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(), "config": cfg.model_dump(mode="json")},
+               run_dir / "checkpoint.pt")
+    print(f"model repository written to {out} in {summary['seconds']} s")
+    return summary
