@@ -50,7 +50,7 @@ format: setup-dev
 train-bundled: setup-dev
 	$(PY) -m training train --preset cpu-small \
 	  --data csv:../shared/data/hc18 --data csv:../shared/data/fetal_planes_db \
-	  --phantoms 2000 --name-clusters-from-labels --version 0.1.0 \
+	  --phantoms 1500 --clusters 10 --backbone resnet18-quarter --ssl-epochs 15 --name-clusters-from-labels --version 0.1.0 \
 	  --out model_repository --run-dir runs/bundled
 
 clean-venv:

@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", type=Path, help="JSON file merged over the preset")
     t.add_argument("--data", action="append", default=[], help="kind:path with kind csv | fpdb | folder")
     t.add_argument("--phantoms", type=int, help="add this many generated phantom images")
+    t.add_argument("--method", choices=["simclr", "barlowtwins", "dino"], help="SSL method")
+    t.add_argument(
+        "--backbone", help="resnet18 | resnet18-half | resnet18-quarter | vit-small-16 | vit-tiny-16"
+    )
     t.add_argument("--clusters", type=int, help="number of clusters K")
     t.add_argument("--ssl-epochs", type=int)
     t.add_argument("--cluster-epochs", type=int)
@@ -27,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--version", help="model version written into the card")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--cache-dir", type=Path, help="where cleaned frames and generated phantoms are cached")
     t.add_argument("--out", type=Path, default=Path("model_repository"))
     t.add_argument("--run-dir", type=Path, default=Path("runs/latest"))
 
@@ -44,10 +49,22 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
             "version": args.version,
             "test_fraction": args.test_fraction,
+            "cache_dir": args.cache_dir,
             "name_clusters_from_labels": args.name_clusters_from_labels,
             "clean": {"size": args.size} if args.size else None,
-            "ssl": {"epochs": args.ssl_epochs} if args.ssl_epochs else None,
-            "cluster": {k: v for k, v in {"num_clusters": args.clusters, "epochs": args.cluster_epochs}.items() if v}
+            "ssl": {
+                k: v
+                for k, v in {
+                    "epochs": args.ssl_epochs,
+                    "method": args.method,
+                    "backbone": args.backbone,
+                }.items()
+                if v
+            }
+            or None,
+            "cluster": {
+                k: v for k, v in {"num_clusters": args.clusters, "epochs": args.cluster_epochs}.items() if v
+            }
             or None,
         }
         cfg = build_config(args.preset, args.config, **overrides)

@@ -44,7 +44,7 @@ def train_cluster_heads(
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)
     history: list[list[float]] = []
-    for epoch in tqdm(range(cfg.epochs), desc="fusc cluster step", unit="epoch"):
+    for _epoch in tqdm(range(cfg.epochs), desc="fusc cluster step", unit="epoch"):
         perm = torch.randperm(n, generator=g)
         sums = torch.zeros(cfg.num_heads)
         for i in range(steps):
@@ -56,7 +56,8 @@ def train_cluster_heads(
                 za, zn = embed(backbone, xa), embed(backbone, xn)
             else:
                 za, zn = emb[idx.to(device)], emb[pick.to(device)]
-            losses = [fusc_loss(la, ln, cfg.entropy_weight)[0] for la, ln in zip(heads(za), heads(zn))]
+            pairs = zip(heads(za), heads(zn), strict=True)
+            losses = [fusc_loss(la, ln, cfg.entropy_weight)[0] for la, ln in pairs]
             total = torch.stack(losses).sum()
             opt.zero_grad(set_to_none=True)
             total.backward()

@@ -12,7 +12,7 @@ from service.clean import CleanConfig
 
 
 class SSLConfig(BaseModel):
-    method: Literal["simclr"] = "simclr"
+    method: Literal["simclr", "barlowtwins", "dino"] = "simclr"
     backbone: str = "resnet18-half"
     small_stem: bool = False
     epochs: int = 30
@@ -20,7 +20,10 @@ class SSLConfig(BaseModel):
     lr: float = 1e-3
     weight_decay: float = 1e-5
     temperature: float = 0.1
+    proj_hidden: int = 512
     proj_dim: int = 128
+    # BarlowTwins' off-diagonal weight.
+    redundancy_weight: float = 5e-3
 
 
 class ClusterConfig(BaseModel):
@@ -76,7 +79,9 @@ PRESETS: dict[str, dict] = {
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 

@@ -41,7 +41,7 @@ class ImageList:
 
 
 def read_csv_layout(root: Path, name: str | None = None) -> ImageList:
-    """``labels.csv`` (filename,label,subject; extra columns ignored) with files under ``images/`` or beside it."""
+    """``labels.csv`` (filename,label,subject; other columns ignored), files in ``images/`` or beside it."""
     root = Path(root)
     csv_path = root / "labels.csv" if root.is_dir() else root
     base = csv_path.parent / "images" if (csv_path.parent / "images").is_dir() else csv_path.parent
@@ -56,7 +56,7 @@ def read_csv_layout(root: Path, name: str | None = None) -> ImageList:
 
 
 def read_fetal_planes_db(root: Path) -> ImageList:
-    """The published FETAL_PLANES_DB layout: ``Images/<Image_name>.png`` + ``FETAL_PLANES_DB_data.csv`` (;)."""
+    """Published FETAL_PLANES_DB layout: ``Images/<name>.png`` + ``FETAL_PLANES_DB_data.csv`` (";")."""
     root = Path(root)
     out = ImageList()
     with open(root / "FETAL_PLANES_DB_data.csv", newline="") as f:
@@ -89,7 +89,9 @@ READERS = {"csv": read_csv_layout, "fpdb": read_fetal_planes_db, "folder": read_
 
 def read_spec(spec: str) -> ImageList:
     """``kind:path`` (kinds: csv, fpdb, folder); a bare path is read as csv when it has labels.csv."""
-    kind, _, path = spec.partition(":") if ":" in spec and spec.split(":", 1)[0] in READERS else ("", "", spec)
+    kind, _, path = (
+        spec.partition(":") if ":" in spec and spec.split(":", 1)[0] in READERS else ("", "", spec)
+    )
     if not kind:
         kind = "csv" if (Path(path) / "labels.csv").exists() or path.endswith(".csv") else "folder"
     return READERS[kind](Path(path))

@@ -44,7 +44,10 @@ def serve(model_repository: Path, timeout: float = 90.0) -> Iterator[str]:
     bentoml = Path(sys.executable).parent / "bentoml"
     proc = subprocess.Popen(
         [str(bentoml), "serve", "service.api:FuscService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,8 +75,10 @@ def cluster_via_service(url: str, paths: list[Path], chunk: int = 16) -> list[in
     out: list[int | None] = []
     with httpx.Client(base_url=url, timeout=120) as client:
         for i in range(0, len(paths), chunk):
-            files = [("images", (f"image{j}", p.read_bytes(), "application/octet-stream"))
-                     for j, p in enumerate(paths[i : i + chunk])]
+            files = [
+                ("images", (f"image{j}", p.read_bytes(), "application/octet-stream"))
+                for j, p in enumerate(paths[i : i + chunk])
+            ]
             resp = client.post("/v1/cluster/batch", files=files)
             resp.raise_for_status()
             out += [r.get("cluster") if "error" not in r else None for r in resp.json()["results"]]
@@ -84,7 +89,9 @@ def raw_pixel_features(paths: list[Path], side: int = 32) -> np.ndarray:
     """The naive baseline: decoded gray frames, uncleaned, downscaled to side x side."""
     import cv2
 
-    feats = [cv2.resize(decode_image(p.read_bytes()), (side, side), interpolation=cv2.INTER_AREA) for p in paths]
+    feats = [
+        cv2.resize(decode_image(p.read_bytes()), (side, side), interpolation=cv2.INTER_AREA) for p in paths
+    ]
     return np.stack(feats).reshape(len(paths), -1).astype(np.float32) / 255.0
 
 
@@ -98,24 +105,29 @@ def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
     clusters = cluster_via_service(url, paths)
     served = np.array([c is not None for c in clusters])
     pred = np.array([c if c is not None else -1 for c in clusters])
-    raw = KMeans(n_clusters=min(k, len(paths)), n_init=10, random_state=seed).fit_predict(raw_pixel_features(paths))
+    raw = KMeans(n_clusters=min(k, len(paths)), n_init=10, random_state=seed).fit_predict(
+        raw_pixel_features(paths)
+    )
     classes, counts = np.unique(labels, return_counts=True)
     return {
         "data": data,
         "n_images": len(paths),
         "n_refused": int((~served).sum()),
-        "classes": {str(c): int(n) for c, n in zip(classes, counts)},
+        "classes": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
         "model_version": model.get("version"),
         "k": k,
         "service": cluster_metrics(pred[served], labels[served]),
         "kmeans_raw_pixels": cluster_metrics(raw, labels),
-        "cluster_sizes": {str(c): int(n) for c, n in zip(*np.unique(pred, return_counts=True))},
+        "cluster_sizes": {str(c): int(n) for c, n in zip(*np.unique(pred, return_counts=True), strict=True)},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.eval_service", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m training.eval_service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--data", required=True, help="labelled set, kind:path (csv | fpdb)")
     ap.add_argument("--url", help="base URL of a running service; default: start one")
     ap.add_argument("--model-repository", type=Path, default=REPO_ROOT / "model_repository")

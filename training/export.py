@@ -36,7 +36,9 @@ class ServedHead(nn.Module):
         return torch.softmax(self.head(embedding), dim=1)
 
 
-def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
+def export_onnx(
+    module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str
+) -> None:
     module = module.cpu().eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
@@ -54,7 +56,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, input_name
 
 
 def check_onnx(module: nn.Module, example: torch.Tensor, path: Path, atol: float = 1e-4) -> float:
-    """Run the ONNX file with onnxruntime on a batch and compare with torch; returns the max abs difference."""
+    """Run the ONNX file with onnxruntime on a batch, compare with torch; returns the max abs difference."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -67,7 +69,9 @@ def check_onnx(module: nn.Module, example: torch.Tensor, path: Path, atol: float
     return diff
 
 
-def _config_pbtxt(name: str, inp: str, in_dims: list[int], out: str, out_dims: list[int], max_batch: int) -> str:
+def _config_pbtxt(
+    name: str, inp: str, in_dims: list[int], out: str, out_dims: list[int], max_batch: int
+) -> str:
     return (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n'
         f'input [{{ name: "{inp}" data_type: TYPE_FP32 dims: {in_dims} }}]\n'
@@ -132,8 +136,12 @@ def write_model_repository(
     (out / BACKBONE_NAME / "config.pbtxt").write_text(
         _config_pbtxt(BACKBONE_NAME, "image", [1, size, size], "embedding", [dim], max_batch)
     )
-    (out / HEAD_NAME / "config.pbtxt").write_text(_config_pbtxt(HEAD_NAME, "embedding", [dim], "probs", [k], max_batch))
+    (out / HEAD_NAME / "config.pbtxt").write_text(
+        _config_pbtxt(HEAD_NAME, "embedding", [dim], "probs", [k], max_batch)
+    )
+    # Triton wants a version folder for the ensemble too; the marker file keeps it in version control.
     (out / ENSEMBLE_NAME / "1").mkdir(parents=True, exist_ok=True)
+    (out / ENSEMBLE_NAME / "1" / ".gitkeep").touch()
     (out / ENSEMBLE_NAME / "config.pbtxt").write_text(_ensemble_pbtxt(size, dim, k, max_batch))
 
     card = ModelCard(embedding_dim=dim, num_clusters=k, backbone=bb, head=hd, **card_fields)

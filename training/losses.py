@@ -31,3 +31,17 @@ def fusc_loss(
     mean_p = p_a.mean(dim=0)
     entropy = -(mean_p * torch.log(mean_p.clamp_min(1e-8))).sum()
     return consistency - entropy_weight * entropy, consistency, entropy
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, redundancy_weight: float = 5e-3) -> torch.Tensor:
+    """BarlowTwins: the cross-correlation of the two standardised views should be the identity matrix.
+
+    sum_i (1 - C_ii)^2 + w * sum_{i != j} C_ij^2, with C computed over the batch.
+    """
+    n = z1.shape[0]
+    z1 = (z1 - z1.mean(0)) / (z1.std(0, unbiased=False) + 1e-6)
+    z2 = (z2 - z2.mean(0)) / (z2.std(0, unbiased=False) + 1e-6)
+    c = z1.t() @ z2 / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = (c - torch.diag(torch.diagonal(c))).pow(2).sum()
+    return on_diag + redundancy_weight * off_diag

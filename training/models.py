@@ -1,4 +1,4 @@
-"""Networks: the SSL backbone (a ResNet for 1-channel ultrasound), the projection MLP and the cluster heads."""
+"""Networks: the SSL backbone (a ResNet for 1-channel ultrasound), projection MLP and cluster heads."""
 
 from __future__ import annotations
 
@@ -68,11 +68,16 @@ BACKBONES = {
 }
 
 
-def build_backbone(name: str, *, small_stem: bool = False) -> ResNet:
+def build_backbone(name: str, *, small_stem: bool = False, img_size: int = 224) -> nn.Module:
+    """A backbone by name; every backbone exposes ``out_dim`` and maps [N,1,S,S] to features [N,out_dim]."""
+    if name.startswith("vit"):
+        from training.vit import build_vit
+
+        return build_vit(name, img_size=img_size)
     try:
         factory = BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}") from None
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} or vit-*") from None
     return factory(small_stem=small_stem)
 
 
@@ -80,7 +85,10 @@ class ProjectionMLP(nn.Module):
     def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from training.data import ImageList, load_frames, read_csv_layout, read_spec, su
 from training.export import write_model_repository
 from training.knn import mine_neighbors, neighbor_accuracy
 from training.metrics import cluster_metrics
-from training.ssl import compute_embeddings, train_simclr
+from training.ssl import compute_embeddings, train_ssl
 
 
 def pick_device(name: str) -> torch.device:
@@ -37,7 +37,9 @@ def seed_everything(seed: int) -> None:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -63,13 +65,22 @@ def raw_pixels(frames: np.ndarray, side: int = 32) -> np.ndarray:
     """Downscaled raw pixels, the naive baseline's features."""
     import cv2
 
-    return np.stack([cv2.resize(f, (side, side), interpolation=cv2.INTER_AREA).ravel() for f in frames]).astype(
-        np.float32
-    ) / 255.0
+    return (
+        np.stack([cv2.resize(f, (side, side), interpolation=cv2.INTER_AREA).ravel() for f in frames]).astype(
+            np.float32
+        )
+        / 255.0
+    )
 
 
 def evaluate(
-    pred: np.ndarray, embeddings: np.ndarray, frames: np.ndarray, labels: list, sources: list, k: int, seed: int
+    pred: np.ndarray,
+    embeddings: np.ndarray,
+    frames: np.ndarray,
+    labels: list,
+    sources: list,
+    k: int,
+    seed: int,
 ) -> dict:
     """Metrics per labelled source: the model, k-means on the same embeddings and k-means on raw pixels."""
     out: dict = {}
@@ -120,12 +131,16 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
     labels = [images.labels[i] for i in keep]
     subjects = [images.subjects[i] for i in keep]
     sources = [images.sources[i] for i in keep]
-    held = subject_split(subjects, cfg.test_fraction, cfg.seed) if cfg.test_fraction > 0 else np.zeros(len(keep), bool)
+    held = (
+        subject_split(subjects, cfg.test_fraction, cfg.seed)
+        if cfg.test_fraction > 0
+        else np.zeros(len(keep), bool)
+    )
     train_idx = np.flatnonzero(~held)
     print(f"{len(keep)} images ({len(train_idx)} train, {int(held.sum())} held out) on {device}")
 
     frames = torch.from_numpy(frames_np)
-    backbone, ssl_hist = train_simclr(frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed)
+    backbone, ssl_hist = train_ssl(frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed)
     emb = compute_embeddings(backbone, frames, cfg.clean, device)
     nbrs = mine_neighbors(emb[train_idx], cfg.cluster.neighbors)
     head, info = train_cluster_heads(
@@ -140,8 +155,13 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
     def split_eval(mask: np.ndarray) -> dict:
         idx = np.flatnonzero(mask)
         return evaluate(
-            pred[idx], emb[idx], frames_np[idx], [labels[i] for i in idx], [sources[i] for i in idx],
-            cfg.cluster.num_clusters, cfg.seed,
+            pred[idx],
+            emb[idx],
+            frames_np[idx],
+            [labels[i] for i in idx],
+            [sources[i] for i in idx],
+            cfg.cluster.num_clusters,
+            cfg.seed,
         )
 
     labelled = np.array([lab is not None for lab in labels])
@@ -149,16 +169,20 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         "train_transductive": split_eval(~held),
         "heldout_inductive": split_eval(held) if held.any() else {},
         "neighbor_accuracy_train": (
-            neighbor_accuracy(nbrs, np.array([labels[i] or "" for i in train_idx])) if labelled.all() else None
+            neighbor_accuracy(nbrs, np.array([labels[i] or "" for i in train_idx]))
+            if labelled.all()
+            else None
         ),
         "cluster_sizes_train": np.bincount(pred[train_idx], minlength=cfg.cluster.num_clusters).tolist(),
         "ssl_loss_per_epoch": ssl_hist,
         "cluster_final_losses": info["final_losses"],
         "best_head": info["best_head"],
     }
-    names = name_clusters(pred[train_idx], [labels[i] for i in train_idx], cfg.cluster.num_clusters) if (
-        cfg.name_clusters_from_labels
-    ) else {}
+    names = (
+        name_clusters(pred[train_idx], [labels[i] for i in train_idx], cfg.cluster.num_clusters)
+        if (cfg.name_clusters_from_labels)
+        else {}
+    )
     provenance = Provenance(
         command=command,
         datasets=sorted(set(sources)),
@@ -173,13 +197,23 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         note="cluster names taken from majority labels of the training images" if names else "",
     )
     card = write_model_repository(
-        out, backbone, head,
-        {"name": cfg.name, "version": cfg.version, "preprocess": cfg.clean, "cluster_names": names,
-         "provenance": provenance, "quality": quality},
+        out,
+        backbone,
+        head,
+        {
+            "name": cfg.name,
+            "version": cfg.version,
+            "preprocess": cfg.clean,
+            "cluster_names": names,
+            "provenance": provenance,
+            "quality": quality,
+        },
     )
     summary = {"seconds": round(time.time() - t0, 1), "card_version": card.version, "quality": quality}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
-    torch.save({"backbone": backbone.state_dict(), "head": head.state_dict(), "config": cfg.model_dump(mode="json")},
-               run_dir / "checkpoint.pt")
+    torch.save(
+        {"backbone": backbone.state_dict(), "head": head.state_dict(), "config": cfg.model_dump(mode="json")},
+        run_dir / "checkpoint.pt",
+    )
     print(f"model repository written to {out} in {summary['seconds']} s")
     return summary

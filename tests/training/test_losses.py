@@ -65,3 +65,34 @@ def test_nt_xent_falls_over_steps():
         loss.backward()
         opt.step()
     assert loss.item() < first - 0.2
+
+
+def test_barlow_twins_matches_hand_computation():
+    from training.losses import barlow_twins_loss
+
+    # Two samples, two dims: standardised columns are +-1, so C = z1^T z2 / 2.
+    z1 = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    z2 = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])
+    # C = [[1, -1], [1, -1]]: on-diagonal (1-1)^2 + (-1-1)^2 = 4; off-diagonal (-1)^2 + 1^2 = 2.
+    assert barlow_twins_loss(z1, z2, redundancy_weight=0.5).item() == pytest.approx(4 + 0.5 * 2, rel=1e-4)
+
+
+def test_barlow_twins_falls_over_steps():
+    from training.losses import barlow_twins_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 12)
+    proj = torch.nn.Linear(12, 8)
+    with torch.no_grad():  # start fully redundant: every output is nearly the same feature
+        proj.weight.copy_(0.3 + 0.01 * torch.randn(8, 12))
+    opt = torch.optim.SGD(proj.parameters(), lr=0.05)
+    losses = []
+    for _ in range(40):
+        loss = barlow_twins_loss(
+            proj(x + 0.1 * torch.randn_like(x)), proj(x + 0.1 * torch.randn_like(x)), 0.05
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
