@@ -24,6 +24,23 @@ class SSLConfig(BaseModel):
     proj_dim: int = 128
     # BarlowTwins' off-diagonal weight.
     redundancy_weight: float = 5e-3
+    # DINO (training/dino.py): multi-crop views, a momentum teacher, centred and sharpened targets.
+    # Schedules given in epochs may be fractional; the defaults are DINO's ViT-S/16 settings.
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops: int = 6
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    # px; None -> 3/7 of the input size (96 at 224) rounded to a whole number of ViT patches.
+    local_size: int | None = None
+    head_hidden: int = 2048
+    head_bottleneck: int = 256
+    prototypes: int = 65536
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30.0
+    teacher_momentum: float = 0.996
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: float = 1.0
 
 
 class ClusterConfig(BaseModel):
@@ -34,6 +51,15 @@ class ClusterConfig(BaseModel):
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
+    update_backbone: bool = False
+
+
+class SelfLabelConfig(BaseModel):
+    epochs: int = 10
+    threshold: float = 0.99
+    lr: float = 1e-4
+    batch_size: int = 256
+    balance: bool = True
     update_backbone: bool = False
 
 
@@ -50,6 +76,7 @@ class TrainConfig(BaseModel):
     clean: CleanConfig = Field(default_factory=CleanConfig)
     ssl: SSLConfig = Field(default_factory=SSLConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    selflabel: SelfLabelConfig = Field(default_factory=SelfLabelConfig)
     name_clusters_from_labels: bool = False
     cache_dir: Path = Path("runs/cache")
 
@@ -60,6 +87,7 @@ PRESETS: dict[str, dict] = {
         "clean": {"size": 32},
         "ssl": {"backbone": "resnet18-quarter", "small_stem": True, "epochs": 1, "batch_size": 32},
         "cluster": {"num_clusters": 4, "num_heads": 2, "neighbors": 5, "epochs": 5, "batch_size": 64},
+        "selflabel": {"epochs": 1, "batch_size": 64, "threshold": 0.5},
     },
     # Minutes on 2 CPU cores.
     "cpu-small": {
@@ -72,6 +100,7 @@ PRESETS: dict[str, dict] = {
         "clean": {"size": 224},
         "ssl": {"backbone": "resnet18", "epochs": 200, "batch_size": 256, "lr": 3e-3},
         "cluster": {"num_clusters": 15, "epochs": 100, "batch_size": 512, "update_backbone": True},
+        "selflabel": {"epochs": 50, "batch_size": 512, "update_backbone": True},
     },
 }
 

@@ -20,6 +20,7 @@ from training.data import ImageList, load_frames, read_csv_layout, read_spec, su
 from training.export import write_model_repository
 from training.knn import mine_neighbors, neighbor_accuracy
 from training.metrics import cluster_metrics
+from training.selflabel import self_label
 from training.ssl import compute_embeddings, train_ssl
 
 
@@ -74,7 +75,7 @@ def raw_pixels(frames: np.ndarray, side: int = 32) -> np.ndarray:
 
 
 def evaluate(
-    pred: np.ndarray,
+    preds: dict[str, np.ndarray],
     embeddings: np.ndarray,
     frames: np.ndarray,
     labels: list,
@@ -82,7 +83,7 @@ def evaluate(
     k: int,
     seed: int,
 ) -> dict:
-    """Metrics per labelled source: the model, k-means on the same embeddings and k-means on raw pixels."""
+    """Per labelled source: metrics of each prediction, of k-means on the embeddings and on raw pixels."""
     out: dict = {}
     labels_arr = np.array([lab if lab is not None else "" for lab in labels])
     sources_arr = np.array(sources)
@@ -96,7 +97,7 @@ def evaluate(
         out[source] = {
             "n": int(sel.sum()),
             "classes": int(len(set(labels_arr[sel]))),
-            "fusc": cluster_metrics(pred[sel], labels_arr[sel]),
+            **{name: cluster_metrics(pred[sel], labels_arr[sel]) for name, pred in preds.items()},
             "kmeans_embeddings": cluster_metrics(km_emb, labels_arr[sel]),
             "kmeans_raw_pixels": cluster_metrics(km_raw, labels_arr[sel]),
         }
@@ -149,13 +150,22 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
     if cfg.cluster.update_backbone:
         emb = compute_embeddings(backbone, frames, cfg.clean, device)
     head = head.cpu()
-    probs = predict(head, emb)
-    pred = probs.argmax(1)
+    preds = {"fusc_cluster_step": predict(head, emb).argmax(1)}
+    if cfg.selflabel.epochs > 0:
+        info["selflabel"] = self_label(
+            backbone, head, frames[train_idx], cfg.selflabel, cfg.clean, device, cfg.seed
+        )
+        if cfg.selflabel.update_backbone:
+            emb = compute_embeddings(backbone, frames, cfg.clean, device)
+        preds["fusc"] = predict(head, emb).argmax(1)
+    else:
+        preds["fusc"] = preds["fusc_cluster_step"]
+    pred = preds["fusc"]
 
     def split_eval(mask: np.ndarray) -> dict:
         idx = np.flatnonzero(mask)
         return evaluate(
-            pred[idx],
+            {name: p[idx] for name, p in preds.items()},
             emb[idx],
             frames_np[idx],
             [labels[i] for i in idx],
@@ -177,6 +187,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         "ssl_loss_per_epoch": ssl_hist,
         "cluster_final_losses": info["final_losses"],
         "best_head": info["best_head"],
+        "selflabel": info.get("selflabel"),
     }
     names = (
         name_clusters(pred[train_idx], [labels[i] for i in train_idx], cfg.cluster.num_clusters)
@@ -189,7 +200,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         num_images=len(keep),
         ssl_method=cfg.ssl.method,
         backbone_arch=cfg.ssl.backbone,
-        epochs={"ssl": cfg.ssl.epochs, "cluster": cfg.cluster.epochs},
+        epochs={"ssl": cfg.ssl.epochs, "cluster": cfg.cluster.epochs, "selflabel": cfg.selflabel.epochs},
         seed=cfg.seed,
         git_commit=git_commit(),
         torch_version=torch.__version__,

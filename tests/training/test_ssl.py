@@ -27,3 +27,45 @@ def test_method_trains_and_embeds(method):
     emb = compute_embeddings(backbone, frames, clean, torch.device("cpu"))
     assert emb.shape == (32, backbone.out_dim)
     assert abs(float((emb**2).sum(1).mean()) - 1.0) < 1e-4
+
+
+def test_balanced_weights_are_inverse_counts():
+    from training.selflabel import balanced_weights
+
+    w = balanced_weights(torch.tensor([0, 0, 0, 1]), 3)
+    # counts 3, 1, 0 -> 1/3, 1, 0, rescaled so present classes average to 1
+    assert w.tolist() == pytest.approx([0.5, 1.5, 0.0])
+
+
+def test_self_label_trains_on_confident_samples_only():
+    from training.config import SelfLabelConfig
+    from training.models import build_backbone
+    from training.selflabel import self_label
+
+    clean = CleanConfig(size=32)
+    backbone = build_backbone("resnet18-quarter", small_stem=True).eval()
+    head = torch.nn.Linear(backbone.out_dim, 3)
+    frames = torch.randint(0, 255, (16, 32, 32), dtype=torch.uint8)
+    before = head.weight.detach().clone()
+    # Nothing reaches p >= 1.01: no step may be taken.
+    out = self_label(
+        backbone,
+        head,
+        frames,
+        SelfLabelConfig(epochs=1, threshold=1.01, batch_size=8),
+        clean,
+        torch.device("cpu"),
+    )
+    assert out["history"][0]["confident_share"] == 0.0
+    assert torch.equal(head.weight, before)
+    # With a threshold every sample passes, the head moves.
+    out = self_label(
+        backbone,
+        head,
+        frames,
+        SelfLabelConfig(epochs=1, threshold=0.0, batch_size=8),
+        clean,
+        torch.device("cpu"),
+    )
+    assert out["history"][0]["confident_share"] == 1.0
+    assert not torch.equal(head.weight, before)
