@@ -1,0 +1,70 @@
+"""Prometheus metrics of the data path (prefix ``fusc_``), exported by BentoML's ``/metrics``.
+
+Labels carry only stage names, cluster ids, error codes, endpoints and status codes: never anything that
+comes from a patient or from the caller (no file names, no DICOM tags), so a label cannot leak identity.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGES = ("decode", "clean", "embed", "assign")
+
+# Stage latencies span ~0.1 ms (assign) to seconds (a big DICOM decode, a cold model).
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+STAGE_LATENCY = Histogram(
+    "fusc_stage_latency_seconds",
+    "Latency of one data-path stage; decode/clean per image, embed/assign per model batch.",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "fusc_batch_size",
+    "Number of images in one model call (after adaptive batching).",
+    buckets=_BATCH_BUCKETS,
+)
+CLUSTER_ASSIGNMENTS = Counter(
+    "fusc_cluster_assignments_total",
+    "Images assigned to each cluster id (drift shows as a change of this distribution).",
+    ["cluster"],
+)
+CONFIDENCE = Histogram(
+    "fusc_confidence",
+    "Max cluster probability of each assigned image.",
+    buckets=_CONFIDENCE_BUCKETS,
+)
+ERRORS = Counter("fusc_errors_total", "Failures by stable error code.", ["code"])
+REQUESTS = Counter(
+    "fusc_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"]
+)
+# "liveall": under BentoML's multiprocess collector only live workers report the model they serve.
+MODEL_INFO = Gauge(
+    "fusc_model_info",
+    "The model version this process serves (value 1).",
+    ["name", "version", "backend"],
+    multiprocess_mode="liveall",
+)
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    STAGE_LATENCY.labels(stage=stage).observe(seconds)
+
+
+def count_error(code: str) -> None:
+    ERRORS.labels(code=code).inc()
+
+
+def count_request(endpoint: str, status: int) -> None:
+    REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
+
+
+def record_assignment(cluster: int, confidence: float) -> None:
+    CLUSTER_ASSIGNMENTS.labels(cluster=str(cluster)).inc()
+    CONFIDENCE.observe(confidence)
+
+
+def set_model_info(name: str, version: str, backend: str) -> None:
+    MODEL_INFO.labels(name=name, version=version, backend=backend).set(1)

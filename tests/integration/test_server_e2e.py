@@ -1,0 +1,163 @@
+"""End to end: the real BentoML server answers exactly what onnxruntime gives on the same preprocessed input.
+
+Needs: the project venv (bentoml, onnxruntime), a free loopback port, ~5 s per server start. The HC18 check
+needs the shared data folder (``FUSC_TEST_DATA``, default ``/work/shared/data``) and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from service.card import load_card
+from tests.integration.conftest import Server, start_server
+from tests.service.conftest import build_tiny_repository, png_bytes, reference_probs, synthetic_frame
+
+pytestmark = pytest.mark.integration
+
+DATA_ROOT = Path(os.environ.get("FUSC_TEST_DATA", "/work/shared/data"))
+TEXT = b"this is a plain text file, not an image\n" * 4
+TIMEOUT = httpx.Timeout(30.0)
+
+
+def hc18_image() -> bytes:
+    images = DATA_ROOT / "hc18" / "images"
+    preferred = images / "train_100_HC.png"
+    if preferred.is_file():
+        return preferred.read_bytes()
+    candidates = sorted(images.glob("*.png")) if images.is_dir() else []
+    if not candidates:
+        pytest.skip(f"no HC18 images under {images}: the shared data folder is absent")
+    return candidates[0].read_bytes()
+
+
+def phantom_image(view: str = "brain", seed: int = 7) -> bytes:
+    try:
+        from training.phantoms import generate
+    except ImportError:  # the phantom generator is optional for the service; fall back to a plain drawing
+        return png_bytes(synthetic_frame(seed, 240, 320))
+    return png_bytes(generate(seed, view).image)
+
+
+def post_image(server: Server, data: bytes, content_type: str = "image/png") -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/cluster", files={"image": ("upload", data, content_type)}, timeout=TIMEOUT
+    )
+
+
+def assert_matches_reference(server: Server, body: dict, data: bytes) -> None:
+    ref = reference_probs(server.repository, data)
+    assert body["cluster"] == int(np.argmax(ref))
+    assert abs(body["confidence"] - float(ref.max())) <= 1e-5
+    assert [t["cluster"] for t in body["top"]] == [int(c) for c in np.argsort(-ref, kind="stable")[:3]]
+    for t in body["top"]:
+        assert abs(t["probability"] - float(ref[t["cluster"]])) <= 1e-5
+    card = load_card(server.repository)
+    assert body["model_version"] == card.version
+    assert body["view"] == card.view_name(body["cluster"])
+
+
+def test_real_hc18_image_matches_onnxruntime(server: Server) -> None:
+    data = hc18_image()
+    r = post_image(server, data)
+    assert r.status_code == 200, r.text
+    assert_matches_reference(server, r.json(), data)
+
+
+@pytest.mark.parametrize("view", ["brain", "abdomen", "femur"])
+def test_phantom_matches_onnxruntime(server: Server, view: str) -> None:
+    data = phantom_image(view)
+    r = post_image(server, data)
+    assert r.status_code == 200, r.text
+    assert_matches_reference(server, r.json(), data)
+
+
+def test_bad_inputs_are_4xx_json_and_the_server_keeps_serving(server: Server) -> None:
+    good = phantom_image("femur", 3)
+    r = post_image(server, good[: len(good) // 2])
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "truncated_image"
+    r = post_image(server, TEXT, "text/plain")
+    assert r.status_code == 415
+    assert r.json()["error"]["code"] == "unsupported_format"
+    r = httpx.post(f"{server.url}/v1/cluster", files={"note": (None, "no file")}, timeout=TIMEOUT)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "missing_field"
+    r = post_image(server, good)
+    assert r.status_code == 200, r.text
+    assert_matches_reference(server, r.json(), good)
+
+
+def test_batch_endpoint_matches_single_calls(server: Server) -> None:
+    images = [phantom_image("brain", 11), TEXT, phantom_image("abdomen", 12)]
+    files = [("images", (f"f{i}", data, "application/octet-stream")) for i, data in enumerate(images)]
+    r = httpx.post(f"{server.url}/v1/cluster/batch", files=files, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert results[1]["error"]["code"] == "unsupported_format"
+    for i in (0, 2):
+        assert_matches_reference(server, results[i], images[i])
+
+
+def test_concurrent_requests_all_answer_exactly(server: Server) -> None:
+    """Many callers at once go through the adaptive batcher; batching must not change any answer."""
+    images = [png_bytes(cv2.flip(synthetic_frame(s, 240, 320), 1)) for s in range(6)]
+    refs = [reference_probs(server.repository, d) for d in images]
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
+            calls = [
+                client.post("/v1/cluster", files={"image": ("u", images[i % len(images)], "image/png")})
+                for i in range(120)
+            ]
+            return await asyncio.gather(*calls)
+
+    for i, r in enumerate(asyncio.run(run())):
+        assert r.status_code == 200, r.text
+        ref = refs[i % len(images)]
+        assert r.json()["cluster"] == int(np.argmax(ref))
+        assert abs(r.json()["confidence"] - float(ref.max())) <= 1e-5
+
+
+def test_model_and_metrics_endpoints(server: Server) -> None:
+    assert post_image(server, phantom_image("brain", 5)).status_code == 200
+    r = httpx.get(f"{server.url}/v1/model", timeout=TIMEOUT)
+    assert r.status_code == 200
+    card = load_card(server.repository)
+    assert r.json()["version"] == card.version
+    assert r.json()["num_clusters"] == card.num_clusters
+    text = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    for family in (
+        "fusc_stage_latency_seconds",
+        "fusc_cluster_assignments_total",
+        "fusc_batch_size",
+        "fusc_confidence",
+        "fusc_requests_total",
+        "fusc_model_info",
+    ):
+        assert family in text, family
+    assert 'fusc_stage_latency_seconds_count{stage="embed"}' in text
+
+
+def test_tampered_repository_leaves_the_server_alive_but_unready(tmp_path: Path) -> None:
+    repo = build_tiny_repository(tmp_path / "model_repository")
+    with open(load_card(repo).backbone.path(repo), "ab") as f:
+        f.write(b"\0")  # changed after export: the card's SHA-256 no longer matches
+    servers = start_server(repo, tmp_path, probe="/livez")
+    server = next(servers)
+    try:
+        assert httpx.get(f"{server.url}/readyz", timeout=TIMEOUT).status_code == 503
+        r = post_image(server, phantom_image("brain", 1))
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "model_not_loaded"
+        assert int(r.headers["retry-after"]) > 0
+        assert httpx.get(f"{server.url}/v1/model", timeout=TIMEOUT).status_code == 503
+        assert "SHA-256" in server.log.read_text(errors="replace")  # the operator learns why
+    finally:
+        servers.close()  # runs start_server's finally: the server is stopped
