@@ -186,6 +186,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         "cluster_sizes_train": np.bincount(pred[train_idx], minlength=cfg.cluster.num_clusters).tolist(),
         "ssl_loss_per_epoch": ssl_hist,
         "cluster_final_losses": info["final_losses"],
+        "cluster_loss_history": info["history"],
         "best_head": info["best_head"],
         "selflabel": info.get("selflabel"),
     }
@@ -221,10 +222,24 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         },
     )
     summary = {"seconds": round(time.time() - t0, 1), "card_version": card.version, "quality": quality}
+    # Everything the report needs, so it can be re-made without re-training.
+    np.savez_compressed(
+        run_dir / "outputs.npz",
+        embeddings=emb,
+        probs=predict(head, emb),
+        frames=frames_np,
+        labels=np.array([lab or "" for lab in labels]),
+        sources=np.array(sources),
+        subjects=np.array(subjects),
+        held_out=held,
+    )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     torch.save(
         {"backbone": backbone.state_dict(), "head": head.state_dict(), "config": cfg.model_dump(mode="json")},
         run_dir / "checkpoint.pt",
     )
-    print(f"model repository written to {out} in {summary['seconds']} s")
+    from training.report import write_report
+
+    write_report(run_dir)
+    print(f"model repository written to {out} in {summary['seconds']} s; report: {run_dir / 'report.md'}")
     return summary
