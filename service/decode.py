@@ -1,26 +1,35 @@
 """decode: uploaded bytes (PNG, JPEG, BMP, TIFF, DICOM) -> one 8-bit gray frame; first arrow of the data path.
 
 The format is found from magic bytes, never from a file name. Image dimensions are read from the container
-header and checked against the limits *before* any pixel buffer is allocated, so a decompression bomb costs
-a few microseconds. Every failure leaves as a :class:`service.errors.DecodeError` subclass with a stable code.
+header (for compressed DICOM, from the codestream of the frame itself) and checked against the limits *before*
+any pixel buffer is allocated, so a decompression bomb costs a few microseconds. Every failure leaves as a
+:class:`service.errors.DecodeError` subclass with a stable code; ``docs/decoding.md`` lists them all.
 
 Policies, stated once:
 
 * colour -> gray with the ITU-R BT.601 luma weights (0.299 R + 0.587 G + 0.114 B, OpenCV's own); alpha is
-  ignored, as scanner screenshots with alpha are opaque;
+  ignored, as scanner screenshots with alpha are opaque. DICOM YCbCr data (YBR_FULL, YBR_FULL_422, and
+  JPEG baseline's own YCbCr) gives its Y channel, which *is* that luma, with no round trip through RGB;
 * 16-bit PNG/TIFF -> 8 bit by ``round(v / 257)``, i.e. the full 16-bit range maps onto 0..255;
 * DICOM: the modality rescale (slope/intercept) is applied, then the first VOI window if the file has one;
   without a window, data with at most 8 stored bits is kept as it is and deeper data is stretched from its
-  min to its max; MONOCHROME1 is inverted so that bright always means strong echo; multi-frame files give
-  their middle frame unless a frame index is asked for (:func:`decode_dicom_frames` gives them all).
+  min to its max; MONOCHROME1 is inverted so that bright always means strong echo; PALETTE COLOR goes
+  through its LUT, then to luma;
+* DICOM frames: a multi-frame file gives its middle frame unless a frame index is asked for
+  (:func:`decode_dicom_frames` gives all of them, or a list);
+* DICOM ultrasound regions: when the file has a Sequence of Ultrasound Regions, the frame is cropped to the
+  bounding box of the union of its 2D regions (Region Spatial Format 1), clamped to the frame; spectral,
+  M-mode and waveform strips and the screen around them go. Without a usable 2D region, the whole frame.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from typing import Literal
 
 import cv2
@@ -30,6 +39,7 @@ from pydicom.multival import MultiValue
 from service.errors import (
     DecodeError,
     DicomNoPixelsError,
+    DicomNotAnImageError,
     EmptyInputError,
     FuscError,
     ImageTooLargeError,
@@ -46,6 +56,8 @@ Format = Literal["png", "jpeg", "bmp", "tiff", "dicom"]
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers that carry the frame size (C4 is DHT, C8 is reserved, CC is DAC).
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# JPEG-LS (ITU T.87) frames use SOF55 (F7) in the same layout; only DICOM carries them here.
+_JPEG_LS_SOF = 0xF7
 
 
 # --------------------------------------------------------------------------------------------- sniffing
@@ -112,7 +124,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
         pos = end
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_frame_header(data: bytes, sof_markers: set[int] | frozenset[int]) -> tuple[int, int, int]:
+    """(width, height, offset of the frame header) from the first start-of-frame marker in ``sof_markers``."""
     pos, n = 2, len(data)
     while pos + 4 <= n:
         if data[pos] != 0xFF:
@@ -125,22 +138,25 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             pos += 2
             continue
         (length,) = struct.unpack_from(">H", data, pos + 2)
-        if marker in _JPEG_SOF:
+        if marker in sof_markers:
             if pos + 9 > n:
                 break
             height, width = struct.unpack_from(">HH", data, pos + 5)
             if height == 0 or width == 0:  # a DNL-defined height: too rare in practice to support
                 raise DecodeError("The JPEG image does not state its size in its header.")
-            # A stream cut short decodes into a grey lower part without any error from libjpeg.
-            if data.rfind(b"\xff\xd9", pos) < 0:
-                raise DecodeError(
-                    "The JPEG image is truncated (no end-of-image marker).", code="truncated_image"
-                )
-            return width, height
+            return width, height, pos
         if marker == 0xDA:  # start of scan before any frame header
             break
         pos += 2 + length
     raise DecodeError("The JPEG image is corrupt (no frame header).")
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    width, height, pos = _jpeg_frame_header(data, _JPEG_SOF)
+    # A stream cut short decodes into a grey lower part without any error from libjpeg.
+    if data.rfind(b"\xff\xd9", pos) < 0:
+        raise DecodeError("The JPEG image is truncated (no end-of-image marker).", code="truncated_image")
+    return width, height
 
 
 def _bmp_size(data: bytes) -> tuple[int, int]:
@@ -238,23 +254,110 @@ def _decode_raster(data: bytes) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- DICOM
-def _read_dicom(data: bytes):
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+# Explicit-VR elements whose length field is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+# SOP classes that are no pictures, even when they carry pixel-like data. Each entry names one class and,
+# with everything below it, its family.
+_NOT_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.88",  # structured reports, key object selection
+    "1.2.840.10008.5.1.4.1.1.104",  # encapsulated PDF, CDA, STL, OBJ, MTL
+    "1.2.840.10008.5.1.4.1.1.11",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.9",  # waveforms (ECG, audio, haemodynamic, ...)
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration and fiducials, segmentations, surfaces
+    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
+    "1.2.840.10008.5.1.4.1.1.481",  # radiotherapy objects (an RT portal image is no ultrasound view either)
+)
+
+
+def _file_meta_end(data: bytes) -> tuple[int, dict[int, bytes]]:
+    """Walk the file meta group (always explicit VR little endian, right after 'DICM' at offset 128).
+
+    Returns the offset of the first byte after the group and each element's raw bytes by element number.
+    """
+    pos, n = 132, len(data)
+    elements: dict[int, bytes] = {}
+    while pos + 8 <= n:
+        group, element = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            break
+        if data[pos + 4 : pos + 6] in _LONG_VRS:
+            if pos + 12 > n:
+                break
+            (length,) = struct.unpack_from("<I", data, pos + 8)
+            end = pos + 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", data, pos + 6)
+            end = pos + 8 + length
+        if end > n:
+            raise DecodeError("The DICOM file is truncated (in its file meta group).", code="truncated_image")
+        elements[element] = data[pos:end]
+        pos = end
+    return pos, elements
+
+
+def _inflate(data: bytes, max_bytes: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file -> the same file, inflated, with an explicit VR syntax.
+
+    pydicom inflates the whole data set with no bound; a few kB of deflated zeros would inflate to
+    gigabytes. The inflated data set is held to the same ``max_bytes`` as an upload: the sender could have
+    sent it uncompressed within that limit.
+    """
+    end, elements = _file_meta_end(data)
+    syntax = elements.get(0x0010, b"")
+    if syntax[8:].rstrip(b"\x00 ").decode("ascii", "replace") != _DEFLATED:
+        return data
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = inflater.decompress(data[end:], max_bytes + 1)
+    except zlib.error as exc:
+        raise DecodeError("The deflated DICOM data set is corrupt.") from exc
+    if len(body) > max_bytes:
+        raise ImageTooLargeError(f"The deflated DICOM data set inflates past the limit of {max_bytes} bytes.")
+    explicit = b"1.2.840.10008.1.2.1\x00"
+    syntax = b"\x02\x00\x10\x00UI" + struct.pack("<H", len(explicit)) + explicit
+    ordered = sorted(elements.items())  # the group length (element 0) is rewritten below
+    group = b"".join(raw for k, raw in ordered if 0 < k < 0x10) + syntax
+    group += b"".join(raw for k, raw in ordered if k > 0x10)
+    length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(group))
+    return data[:132] + length + group + body
+
+
+def _read_dicom(data: bytes, max_bytes: int):
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     if data.startswith(b"DICM"):  # prefix without its preamble: give pydicom the layout it expects
         data = b"\x00" * 128 + data
+    if data[128:132] == b"DICM":
+        data = _inflate(data, max_bytes)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except (InvalidDicomError, EOFError, ValueError, struct.error, KeyError, TypeError, OverflowError) as exc:
         raise DecodeError("The DICOM file could not be parsed; it is corrupt or truncated.") from exc
+    if "TransferSyntaxUID" not in ds.file_meta:
+        # A bare data set (no file meta): its encoding is the one pydicom found while reading it.
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
+
+
+def _check_is_image(ds) -> None:
+    sop = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    if any(sop == uid or sop.startswith(uid + ".") for uid in _NOT_IMAGE_SOP_CLASSES):
+        from pydicom.uid import UID
+
+        raise DicomNotAnImageError(f"The DICOM file is a '{UID(sop).name}' object, not an image.")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomNoPixelsError("The DICOM file holds no image (no Pixel Data element).")
 
 
 def _dicom_geometry(ds) -> tuple[int, int, int]:
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DicomNoPixelsError("The DICOM file holds no image (no Pixel Data element).")
+    _check_is_image(ds)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -265,19 +368,16 @@ def _dicom_geometry(ds) -> tuple[int, int, int]:
     return rows, cols, frames
 
 
-def _check_transfer_syntax(ds) -> None:
-    """Refuse, as unsupported rather than corrupt, a compression whose decoder is not installed here.
+def _transfer_syntax(ds):
+    """The data set's transfer syntax; refused as unsupported (not as corrupt) when nothing here decodes it.
 
-    Uncompressed, deflated and RLE data decode with pydicom alone; JPEG baseline/extended and JPEG 2000
-    through Pillow; JPEG-LS and JPEG lossless need pylibjpeg-libjpeg (or pyjpegls/gdcm) in the environment.
+    Uncompressed, deflated and RLE data decode with pydicom alone; JPEG (baseline, extended, lossless),
+    JPEG-LS and JPEG 2000 through pylibjpeg with its libjpeg and openjpeg plugins (Pillow as a fallback
+    for JPEG baseline and JPEG 2000).
     """
     from pydicom.pixels import get_decoder
 
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if ts is None:
-        return
-    if ts.is_transfer_syntax and not ts.is_compressed:
-        return
+    ts = ds.file_meta.TransferSyntaxUID
     try:
         available = ts.is_transfer_syntax and get_decoder(ts).is_available
     except NotImplementedError:
@@ -285,36 +385,109 @@ def _check_transfer_syntax(ds) -> None:
     if not available:
         raise UnsupportedFormatError(
             f"The DICOM transfer syntax '{ts.name}' cannot be decoded by this service; "
-            "send it uncompressed, RLE, JPEG baseline or JPEG 2000."
+            "send it uncompressed, deflated, RLE, JPEG, JPEG-LS or JPEG 2000."
+        )
+    return ts
+
+
+def _j2k_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG 2000 SIZ segment, in a bare codestream or inside a JP2 wrapper."""
+    at = data.find(b"\xff\x4f\xff\x51", 0, 1 << 20)  # SOC then SIZ; a JP2 box header comes first
+    if at < 0:
+        raise DecodeError("The JPEG 2000 codestream is corrupt (no SIZ segment).")
+    x, y, x0, y0 = struct.unpack_from(">IIII", data, at + 8)
+    if x <= x0 or y <= y0:
+        raise DecodeError("The JPEG 2000 codestream states an empty image.")
+    return x - x0, y - y0
+
+
+def _check_codestream(ds, ts, index: int, rows: int, cols: int, frames: int) -> None:
+    """A compressed frame must state in its own header the size that Rows/Columns promise.
+
+    The codecs allocate what the codestream says, not what the data set says: a 64x64 DICOM whose JPEG
+    header claims 30000x30000 would make libjpeg allocate gigabytes. RLE needs no check (its decoders size
+    the output from Rows/Columns).
+    """
+    from pydicom import uid
+    from pydicom.encaps import get_frame
+
+    if ts in uid.JPEGTransferSyntaxes or ts in uid.JPEGLSTransferSyntaxes:
+        size = lambda b: _jpeg_frame_header(b, _JPEG_SOF | {_JPEG_LS_SOF})[:2]  # noqa: E731
+    elif ts in uid.JPEG2000TransferSyntaxes:
+        size = _j2k_size
+    else:
+        return
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    codestream = get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=frames)
+    try:
+        width, height = size(codestream)
+    except struct.error as exc:
+        raise DecodeError("The DICOM frame's codestream is truncated.", code="truncated_image") from exc
+    if (width, height) != (cols, rows):
+        raise DecodeError(
+            f"The DICOM frame's codestream is {width}x{height} pixels but Rows/Columns say {cols}x{rows}."
         )
 
 
-def _dicom_pixels(ds, index: int | None) -> np.ndarray:
-    _check_transfer_syntax(ds)
+def _dicom_pixels(ds, ts, index: int) -> tuple[np.ndarray, str]:
+    """One decoded frame as pydicom's decoders give it, without colour conversion, and its photometric.
+
+    The photometric can differ from the data set's: JPEG 2000 decoders return YBR_ICT/RCT data as RGB, and
+    uncompressed YBR_FULL_422 comes back with its chroma upsampled (YBR_FULL).
+    """
+    from pydicom.pixels import get_decoder
+
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.pixel_array_options(index=index)
-            return ds.pixel_array
+        arr, props = get_decoder(ts).as_array(ds, index=index, raw=True)
     except NotImplementedError as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(ts, "name", "unknown")
         raise UnsupportedFormatError(
-            f"The DICOM transfer syntax '{name}' cannot be decoded by this service.",
+            f"The DICOM transfer syntax '{ts.name}' cannot be decoded by this service."
         ) from exc
     except (RuntimeError, ValueError, AttributeError, KeyError, TypeError, IndexError, struct.error) as exc:
         raise DecodeError("The DICOM pixel data could not be decoded; it is corrupt or truncated.") from exc
+    return arr, str(props.get("photometric_interpretation", "MONOCHROME2")).upper()
 
 
-def _dicom_frame_to_gray8(ds, arr: np.ndarray) -> np.ndarray:
-    """One frame (HxW or HxWx3, as pydicom returns it: YBR already converted to RGB) -> uint8 HxW."""
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+def _us_region_box(ds, rows: int, cols: int, min_side: int) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), end-exclusive, of the union of the 2D ultrasound regions; None: the whole frame.
+
+    Regions are clamped to the frame; one that is then smaller than ``min_side`` on a side, or malformed, is
+    ignored, so a bad calibration never costs an otherwise good image.
+    """
+    try:
+        regions = list(ds.get("SequenceOfUltrasoundRegions") or [])
+    except Exception:  # a malformed sequence is read lazily by pydicom and may fail in many ways
+        return None
+    boxes = []
+    for item in regions:
+        try:
+            if int(item.get("RegionSpatialFormat", -1)) != 1:  # 1: 2D (tissue or colour flow)
+                continue
+            x0, x1 = max(int(item.RegionLocationMinX0), 0), min(int(item.RegionLocationMaxX1), cols - 1)
+            y0, y1 = max(int(item.RegionLocationMinY0), 0), min(int(item.RegionLocationMaxY1), rows - 1)
+        except Exception:  # missing or malformed coordinates: this region says nothing usable
+            continue
+        if x1 - x0 + 1 >= min_side and y1 - y0 + 1 >= min_side:
+            boxes.append((x0, y0, x1, y1))
+    if not boxes:
+        return None
+    x0, y0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    return y0, y1 + 1, x0, x1 + 1
+
+
+def _dicom_frame_to_gray8(ds, arr: np.ndarray, photometric: str) -> np.ndarray:
+    """One frame (HxW, or HxWx3 for colour) -> uint8 HxW, by its photometric interpretation."""
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
 
-        arr = apply_color_lut(arr, ds)
+        return _to_gray8(apply_color_lut(arr, ds), rgb=True)
     if arr.ndim == 3:
-        return _to_gray8(arr, rgb=True)  # 16-bit colour is rare; _to_gray8 handles it
+        if photometric in ("YBR_FULL", "YBR_FULL_422", "YBR_ICT"):  # their Y is the BT.601 luma
+            return _to_gray8(arr[:, :, 0], rgb=True)
+        return _to_gray8(arr, rgb=True)  # RGB; 16-bit colour is rare and _to_gray8 handles it
 
     x = arr.astype(np.float64)
     slope = float(ds.get("RescaleSlope", 1) or 1)
@@ -350,9 +523,44 @@ def _first_window(ds) -> tuple[float | None, float | None]:
     return first(ds.get("WindowCenter")), first(ds.get("WindowWidth"))
 
 
-def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, min_side: int) -> np.ndarray:
-    ds = _read_dicom(data)
+def _dicom_frame(ds, ts, index: int, frames: int, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Frame ``index``: header checked, decoded, cropped to the ultrasound region, made gray."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if ts.is_encapsulated:
+        _check_codestream(ds, ts, index, rows, cols, frames)
+    arr, photometric = _dicom_pixels(ds, ts, index)
+    if arr.shape[:2] != (rows, cols):
+        raise DecodeError("The decoded DICOM frame does not have the size that Rows/Columns state.")
+    if box is not None:
+        y0, y1, x0, x1 = box
+        arr = arr[y0:y1, x0:x1]  # before the gray mapping, so that a min-max stretch sees only the image
+    return _dicom_frame_to_gray8(ds, arr, photometric)
+
+
+def _open_dicom(data: bytes, max_bytes: int, min_side: int, crop_to_regions: bool):
+    """Parse, refuse what is no image, and find geometry, transfer syntax and ultrasound-region crop.
+
+    pydicom warns about every odd value of a hostile or sloppy file; the callers silence those warnings
+    (:func:`_quiet`), as the outcome is either a frame or a typed error that says what went wrong.
+    """
+    ds = _read_dicom(data, max_bytes)
     rows, cols, frames = _dicom_geometry(ds)
+    ts = _transfer_syntax(ds)
+    box = _us_region_box(ds, rows, cols, min_side) if crop_to_regions else None
+    return ds, ts, rows, cols, frames, box
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _decode_dicom(
+    data: bytes, frame: int | None, max_pixels: int, max_bytes: int, min_side: int, crop_to_regions: bool
+) -> np.ndarray:
+    ds, ts, rows, cols, frames, box = _open_dicom(data, max_bytes, min_side, crop_to_regions)
     _check_size(cols, rows, 1, max_pixels, min_side)
     if frame is None:
         frame = frames // 2
@@ -360,10 +568,7 @@ def _decode_dicom(data: bytes, frame: int | None, max_pixels: int, min_side: int
         raise DecodeError(
             f"Frame {frame} was asked for; the file has {frames} frame(s).", code="bad_frame_index"
         )
-    arr = _dicom_pixels(ds, frame if frames > 1 else None)
-    if arr.ndim == 4 or (arr.ndim == 3 and arr.shape[-1] not in (3, 4) and frames > 1):
-        arr = arr[frame]
-    return _dicom_frame_to_gray8(ds, arr)
+    return _dicom_frame(ds, ts, frame, frames, box)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -374,16 +579,19 @@ def decode_image(
     max_bytes: int = MAX_BYTES,
     min_side: int = MIN_SIDE,
     frame: int | None = None,
+    crop_to_regions: bool = True,
 ) -> np.ndarray:
     """Decode uploaded bytes into one gray frame: uint8, HxW, C-contiguous.
 
-    ``frame`` picks a frame of a multi-frame DICOM (default: the middle one); other formats ignore it.
+    ``frame`` picks a frame of a multi-frame DICOM (default: the middle one); ``crop_to_regions`` crops a
+    DICOM to its 2D ultrasound regions when it lists any. Other formats ignore both.
     Raises only :class:`service.errors.DecodeError` subclasses.
     """
     try:
         fmt = _precheck(data, max_bytes)
         if fmt == "dicom":
-            img = _decode_dicom(bytes(data), frame, max_pixels, min_side)
+            with _quiet():
+                img = _decode_dicom(bytes(data), frame, max_pixels, max_bytes, min_side, crop_to_regions)
         else:
             width, height = _header_size(fmt, data)
             _check_size(width, height, 1, max_pixels, min_side)
@@ -405,25 +613,27 @@ def decode_dicom_frames(
     max_pixels: int = MAX_PIXELS,
     max_bytes: int = MAX_BYTES,
     min_side: int = MIN_SIDE,
+    crop_to_regions: bool = True,
 ) -> np.ndarray:
-    """All (or the listed) frames of a DICOM file as uint8 (F, H, W); ``max_pixels`` bounds F*H*W."""
+    """All (or the listed) frames of a DICOM file as uint8 (F, H, W); ``max_pixels`` bounds F*H*W.
+
+    Every frame gets the same ultrasound-region crop (the regions belong to the whole file).
+    """
     try:
         fmt = _precheck(data, max_bytes)
         if fmt != "dicom":
             raise UnsupportedFormatError("A DICOM file was expected.")
-        ds = _read_dicom(bytes(data))
-        rows, cols, n = _dicom_geometry(ds)
-        wanted = list(range(n)) if frames == "all" else [int(i) for i in frames]
-        if not wanted or any(not 0 <= i < n for i in wanted):
-            raise DecodeError(f"Frames outside 0..{n - 1} were asked for.", code="bad_frame_index")
-        _check_size(cols, rows, len(wanted), max_pixels, min_side)
-        out = np.empty((len(wanted), rows, cols), np.uint8)
-        for j, i in enumerate(wanted):
-            arr = _dicom_pixels(ds, i if n > 1 else None)
-            if arr.ndim == 4 or (arr.ndim == 3 and arr.shape[-1] not in (3, 4) and n > 1):
-                arr = arr[0]
-            out[j] = _dicom_frame_to_gray8(ds, arr)
-        return out
+        with _quiet():
+            ds, ts, rows, cols, n, box = _open_dicom(bytes(data), max_bytes, min_side, crop_to_regions)
+            wanted = list(range(n)) if frames == "all" else [int(i) for i in frames]
+            if not wanted or any(not 0 <= i < n for i in wanted):
+                raise DecodeError(f"Frames outside 0..{n - 1} were asked for.", code="bad_frame_index")
+            _check_size(cols, rows, len(wanted), max_pixels, min_side)
+            height, width = (box[1] - box[0], box[3] - box[2]) if box else (rows, cols)
+            out = np.empty((len(wanted), height, width), np.uint8)
+            for j, i in enumerate(wanted):
+                out[j] = _dicom_frame(ds, ts, i, n, box)
+            return out
     except FuscError:
         raise
     except MemoryError as exc:

@@ -56,6 +56,13 @@ class DicomNoPixelsError(DecodeError):
     http_status = 422
 
 
+class DicomNotAnImageError(DecodeError):
+    """A DICOM object of a non-image SOP class (structured report, PDF, presentation state, ...)."""
+
+    code = "dicom_not_an_image"
+    http_status = 422
+
+
 class BadRequestError(FuscError):
     """The request itself is malformed (missing field, too many files)."""
 
