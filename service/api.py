@@ -54,7 +54,9 @@ _MULTIPART_OVERHEAD = 64 * 1024
 
 def _row_dtype(num_clusters: int) -> np.dtype:
     """One image's model output as the batcher passes it around: it concatenates and splits numpy arrays."""
-    return np.dtype([("probs", "<f4", (num_clusters,)), ("embed_ms", "<f8"), ("assign_ms", "<f8")])
+    return np.dtype(
+        [("probs", "<f4", (num_clusters,)), ("ood_score", "<f4"), ("embed_ms", "<f8"), ("assign_ms", "<f8")]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -172,7 +174,9 @@ async def _cluster_one(request: Request, svc: FuscService, pipeline: Pipeline) -
     (data,) = await read_uploads(request, "image", max_files=1, settings=svc.settings)
     prepared = await anyio.to_thread.run_sync(pipeline.prepare, data)
     (row,) = await svc.model_call([prepared])
-    result = pipeline.result(prepared, row["probs"], float(row["embed_ms"]), float(row["assign_ms"]))
+    result = pipeline.result(
+        prepared, row["probs"], float(row["embed_ms"]), float(row["assign_ms"]), float(row["ood_score"])
+    )
     return JSONResponse(result.model_dump())
 
 
@@ -197,7 +201,11 @@ async def _cluster_batch(request: Request, svc: FuscService, pipeline: Pipeline)
             results.append(ErrorResponse.of(p))
         else:
             row = next(rows)
-            results.append(pipeline.result(p, row["probs"], float(row["embed_ms"]), float(row["assign_ms"])))
+            results.append(
+                pipeline.result(
+                    p, row["probs"], float(row["embed_ms"]), float(row["assign_ms"]), float(row["ood_score"])
+                )
+            )
     return JSONResponse(BatchResponse(results=results).model_dump())
 
 
@@ -274,7 +282,8 @@ class FuscService:
         assert self.pipeline is not None
         card = self.pipeline.card
         return {
-            **card.model_dump(mode="json"),
+            # The OOD centroids are K x D numbers of no use to a reader; the threshold stays.
+            **card.model_dump(mode="json", exclude={"ood": {"centroids"}}),
             "backend": {**self.pipeline.backend.describe(), "adaptive_batching": self.batching},
             "limits": {
                 "max_upload_bytes": self.settings.max_upload_bytes,
@@ -290,6 +299,7 @@ class FuscService:
         out = self.pipeline.infer(x)
         rows = np.empty(len(x), dtype=self._rows)
         rows["probs"] = out.probs
+        rows["ood_score"] = out.ood_score
         rows["embed_ms"] = out.embed_ms
         rows["assign_ms"] = out.assign_ms
         return rows

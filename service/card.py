@@ -50,6 +50,19 @@ class Provenance(BaseModel):
     note: str = ""
 
 
+class OODCalibration(BaseModel):
+    """Out-of-distribution check: cosine similarity of an embedding to its nearest training cluster centroid.
+
+    ``threshold`` is the ``quantile`` of that similarity over the training images, so about that share of
+    in-distribution images is flagged too; a non-ultrasound image or an unseen view falls far below it.
+    """
+
+    method: Literal["centroid_cosine"] = "centroid_cosine"
+    centroids: list[list[float]]
+    threshold: float
+    quantile: float
+
+
 class ModelCard(BaseModel):
     schema_version: Literal[1] = 1
     name: str = "fusc"
@@ -63,6 +76,7 @@ class ModelCard(BaseModel):
     backbone: OnnxModel
     head: OnnxModel
     provenance: Provenance = Field(default_factory=Provenance)
+    ood: OODCalibration | None = None
     quality: dict[str, Any] = Field(default_factory=dict)
 
     def view_name(self, cluster: int) -> str | None:

@@ -36,6 +36,10 @@ CONFIDENCE = Histogram(
     "Max cluster probability of each assigned image.",
     buckets=_CONFIDENCE_BUCKETS,
 )
+OOD = Counter(
+    "fusc_ood_total",
+    "Images flagged out of distribution (far from every training cluster centroid).",
+)
 ERRORS = Counter("fusc_errors_total", "Failures by stable error code.", ["code"])
 REQUESTS = Counter(
     "fusc_requests_total", "HTTP requests by endpoint and status code.", ["endpoint", "status"]

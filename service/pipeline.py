@@ -53,6 +53,9 @@ class ClusterResult(BaseModel):
     confidence: float
     top: list[TopCluster]
     view: str | None
+    # Out of distribution: None when the model card carries no OOD calibration.
+    ood: bool | None
+    ood_score: float | None
     model_version: str
     timings_ms: Timings
 
@@ -86,6 +89,7 @@ class Prepared:
 @dataclass(frozen=True)
 class Inference:
     probs: np.ndarray  # float32 [N,K]
+    ood_score: np.ndarray  # float32 [N]: cosine similarity to the nearest training centroid (nan: none)
     embed_ms: float
     assign_ms: float
 
@@ -109,6 +113,7 @@ class Pipeline:
         self.max_pixels = max_pixels
         size = card.preprocess.size
         self.input_shape = (1, size, size)
+        self.centroids = np.asarray(card.ood.centroids, dtype=np.float32).T if card.ood is not None else None
 
     # Errors are counted in fusc_errors_total where they are answered (cluster() here, the HTTP layer in
     # the service), so that prepare() and infer() can be chained by either without counting twice.
@@ -156,13 +161,29 @@ class Pipeline:
         metrics.BATCH_SIZE.observe(len(x))
         metrics.observe_stage("embed", t1 - t0)
         metrics.observe_stage("assign", t2 - t1)
-        return Inference(probs=probs, embed_ms=_ms(t1 - t0), assign_ms=_ms(t2 - t1))
+        if self.centroids is not None:
+            ood_score = (np.asarray(emb, dtype=np.float32) @ self.centroids).max(axis=1)
+        else:
+            ood_score = np.full(len(x), np.nan, np.float32)
+        return Inference(probs=probs, ood_score=ood_score, embed_ms=_ms(t1 - t0), assign_ms=_ms(t2 - t1))
 
     def result(
-        self, prepared: Prepared, probs: np.ndarray, embed_ms: float, assign_ms: float
+        self,
+        prepared: Prepared,
+        probs: np.ndarray,
+        embed_ms: float,
+        assign_ms: float,
+        ood_score: float = float("nan"),
     ) -> ClusterResult:
         """Turn one row of probabilities into the response and count the assignment."""
         probs = np.asarray(probs, dtype=np.float32)
+        ood: bool | None = None
+        score: float | None = None
+        if self.card.ood is not None and np.isfinite(ood_score):
+            score = float(ood_score)
+            ood = score < self.card.ood.threshold
+            if ood:
+                metrics.OOD.inc()
         # Stable sort: ties go to the lower cluster id, as argmax does.
         order = np.argsort(-probs, kind="stable")[:TOP_K]
         cluster = int(order[0])
@@ -176,6 +197,8 @@ class Pipeline:
                 for c in order
             ],
             view=self.card.view_name(cluster),
+            ood=ood,
+            ood_score=score,
             model_version=self.card.version,
             timings_ms=Timings(
                 decode=prepared.decode_ms, clean=prepared.clean_ms, embed=embed_ms, assign=assign_ms
@@ -202,13 +225,15 @@ class Pipeline:
         except FuscError as exc:
             metrics.count_error(exc.code)
             raise
-        rows = iter(inference.probs)
-        return [
-            p
-            if isinstance(p, FuscError)
-            else self.result(p, next(rows), inference.embed_ms, inference.assign_ms)
-            for p in prepared
-        ]
+        rows = iter(zip(inference.probs, inference.ood_score, strict=True))
+        out: list[ClusterResult | FuscError] = []
+        for p in prepared:
+            if isinstance(p, FuscError):
+                out.append(p)
+            else:
+                probs, score = next(rows)
+                out.append(self.result(p, probs, inference.embed_ms, inference.assign_ms, float(score)))
+        return out
 
 
 def load_pipeline(settings: Settings) -> Pipeline:

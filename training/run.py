@@ -20,6 +20,7 @@ from training.data import ImageList, load_frames, read_csv_layout, read_spec, su
 from training.export import write_model_repository
 from training.knn import mine_neighbors, neighbor_accuracy
 from training.metrics import cluster_metrics
+from training.ood import calibrate_ood
 from training.selflabel import self_label
 from training.ssl import compute_embeddings, train_ssl
 
@@ -208,6 +209,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         device=f"{device.type} ({platform.processor() or platform.machine()})",
         note="cluster names taken from majority labels of the training images" if names else "",
     )
+    ood = calibrate_ood(emb[train_idx], pred[train_idx], cfg.cluster.num_clusters)
     card = write_model_repository(
         out,
         backbone,
@@ -217,6 +219,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
             "version": cfg.version,
             "preprocess": cfg.clean,
             "cluster_names": names,
+            "ood": ood,
             "provenance": provenance,
             "quality": quality,
         },

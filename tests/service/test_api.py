@@ -62,7 +62,16 @@ def test_health_endpoints(client: TestClient) -> None:
 def test_cluster_one_image(client: TestClient, tiny_repo: Path, good_png: bytes) -> None:
     status, body = post_one(client, good_png)
     assert status == 200, body
-    assert set(body) == {"cluster", "confidence", "top", "view", "model_version", "timings_ms"}
+    assert set(body) == {
+        "cluster",
+        "confidence",
+        "top",
+        "view",
+        "ood",
+        "ood_score",
+        "model_version",
+        "timings_ms",
+    }
     ref = reference_probs(tiny_repo, good_png)
     assert body["cluster"] == int(np.argmax(ref))
     assert body["confidence"] == pytest.approx(float(ref.max()), abs=1e-5)

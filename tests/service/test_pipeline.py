@@ -178,3 +178,25 @@ def test_triton_backend_is_a_clear_config_error(tiny_repo: Path) -> None:
     with pytest.raises(BackendNotSupportedError) as info:
         make_backend(settings, load_card(tiny_repo))
     assert info.value.code == "backend_not_supported"
+
+
+def test_ood_flag_follows_the_card_calibration(tiny_repo: Path, good_png: bytes) -> None:
+    from service.card import OODCalibration
+
+    card = load_card(tiny_repo)
+    backend = OnnxRuntimeBackend(tiny_repo, card)
+    plain = Pipeline(card, backend).cluster([good_png])[0]
+    assert isinstance(plain, ClusterResult) and plain.ood is None and plain.ood_score is None
+
+    # Calibrate on the image's own embedding: similarity 1 to its centroid, so it is in distribution
+    # for a threshold below 1 and out of it for a threshold above 1.
+    emb = backend.embed(Pipeline(card, backend).prepare(good_png).tensor[None])[0]
+    unit = (emb / np.linalg.norm(emb)).tolist()
+    before = sample("fusc_ood_total")
+    for threshold, expected in ((0.5, False), (1.5, True)):
+        ood = OODCalibration(centroids=[unit], threshold=threshold, quantile=0.01)
+        result = Pipeline(card.model_copy(update={"ood": ood}), backend).cluster([good_png])[0]
+        assert isinstance(result, ClusterResult)
+        assert result.ood is expected
+        assert result.ood_score == pytest.approx(float(np.dot(emb, unit)), abs=1e-5)
+    assert sample("fusc_ood_total") == before + 1

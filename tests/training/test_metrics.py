@@ -37,3 +37,21 @@ def test_single_cluster_has_zero_nmi():
     m = cluster_metrics(np.zeros(4, int), labels)
     assert m["nmi"] == pytest.approx(0.0)
     assert m["purity"] == pytest.approx(0.5)
+
+
+def test_ood_calibration_flags_far_embeddings():
+    from training.ood import calibrate_ood
+
+    rng = np.random.default_rng(0)
+    a = np.array([1.0, 0, 0, 0]) + 0.05 * rng.normal(size=(50, 4))
+    b = np.array([0, 1.0, 0, 0]) + 0.05 * rng.normal(size=(50, 4))
+    emb = np.concatenate([a, b])
+    pred = np.repeat([0, 1], 50)
+    cal = calibrate_ood(emb, pred, k=3, quantile=0.02)  # cluster 2 is empty: no centroid for it
+    cents = np.array(cal.centroids)
+    assert cents.shape == (2, 4)
+    np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-5)
+    scores = (emb / np.linalg.norm(emb, axis=1, keepdims=True) @ cents.T).max(1)
+    assert (scores < cal.threshold).mean() <= 0.02 + 1e-9
+    far = np.array([0, 0, 1.0, 0])
+    assert (far @ cents.T).max() < cal.threshold
