@@ -22,6 +22,8 @@ class SSLConfig(BaseModel):
     temperature: float = 0.1
     proj_hidden: int = 512
     proj_dim: int = 128
+    # Clip the gradient norm (0: off); DINO uses 3.0.
+    clip_grad: float = 0.0
     # BarlowTwins' off-diagonal weight.
     redundancy_weight: float = 5e-3
     # DINO (training/dino.py): multi-crop views, a momentum teacher, centred and sharpened targets.

@@ -122,6 +122,9 @@ def train_ssl(
                 loss = method.loss(x)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             scaler.step(opt)
             scaler.update()
             method.after_step(step, total)
