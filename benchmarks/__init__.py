@@ -1,0 +1,1 @@
+"""Benchmarks: machine-readable timings of the data path, apart from the tests."""
