@@ -30,6 +30,8 @@ VIEW_ANNOTATION: dict[str, str] = {
     "kidneys": "KIDNEYS",
     "cervix": "CERVIX",
 }
+# Bump when the images a seed produces change, so cached phantom sets are regenerated.
+GENERATOR_VERSION = 2
 VIEWS: tuple[str, ...] = tuple(VIEW_ANNOTATION)
 
 # Echo strengths (linear amplitude before log compression). Ratios matter, not units: fluid ~ -54 dB,
@@ -584,7 +586,9 @@ def _render(
     cx, cy = fan.to_frame(rng.uniform(0.4, 0.65), rng.uniform(-0.45, 0.45))
     zoom = rng.uniform(0.8, 1.25)  # depth setting: deeper field, smaller anatomy
     scale = 0.26 * min(h, w) * rng.uniform(0.75, 1.25) * zoom
-    rot, flip = rng.uniform(0, 2 * math.pi), bool(rng.random() < 0.5)
+    # Sonographers hold standard planes in roughly standard orientations: tilt within +-40 degrees, and
+    # either side of the screen.
+    rot, flip = rng.uniform(-1.0, 1.0) * math.radians(40), bool(rng.random() < 0.5)
     if view != "cervix" and rng.random() < 0.75:  # amniotic fluid around the fetus
         fp = _Painter(scene, rng, cx + rng.normal(0, 0.2) * scale, cy + rng.normal(0, 0.2) * scale, scale)
         fp.blob(0, 0, rng.uniform(1.25, 1.9), rng.uniform(1.1, 1.6), FLUID, ang=rng.uniform(0, 180))

@@ -52,9 +52,9 @@ def gather(cfg: TrainConfig) -> ImageList:
     for spec in cfg.data:
         images.extend(read_spec(spec))
     if cfg.phantoms:
-        from training.phantoms import generate_dataset
+        from training.phantoms import GENERATOR_VERSION, generate_dataset
 
-        root = cfg.cache_dir / f"phantoms-n{cfg.phantoms}-s{cfg.phantom_seed}"
+        root = cfg.cache_dir / f"phantoms-v{GENERATOR_VERSION}-n{cfg.phantoms}-s{cfg.phantom_seed}"
         if not (root / "labels.csv").exists():
             generate_dataset(root, cfg.phantoms, seed=cfg.phantom_seed)
         images.extend(read_csv_layout(root, name="phantoms"))
