@@ -102,7 +102,13 @@ PRESETS: dict[str, dict] = {
     "gpu-paper": {
         "clean": {"size": 224},
         "ssl": {"backbone": "resnet18", "epochs": 200, "batch_size": 256, "lr": 3e-3},
-        "cluster": {"num_clusters": 15, "epochs": 100, "batch_size": 512, "lr": 1e-4, "update_backbone": True},
+        "cluster": {
+            "num_clusters": 15,
+            "epochs": 100,
+            "batch_size": 512,
+            "lr": 1e-4,
+            "update_backbone": True,
+        },
         "selflabel": {"epochs": 50, "batch_size": 512, "update_backbone": True},
     },
 }
