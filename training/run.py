@@ -38,11 +38,15 @@ def seed_everything(seed: int) -> None:
 
 
 def git_commit() -> str:
+    """The commit the code ran from, marked ``-dirty`` when tracked files had uncommitted changes."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip()
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
+
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return f"{commit}-dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
         return ""
 
