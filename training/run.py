@@ -17,6 +17,7 @@ from service.card import Provenance
 from training.cluster import predict, train_cluster_heads
 from training.config import TrainConfig
 from training.data import ImageList, load_frames, read_csv_layout, read_spec, subject_split
+from training.distributed import barrier, init_distributed, shutdown
 from training.export import write_model_repository
 from training.knn import mine_neighbors, neighbor_accuracy
 from training.metrics import cluster_metrics
@@ -126,12 +127,20 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
     seed_everything(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    ranks, rank_device = init_distributed(cfg.device)
+    device = rank_device or pick_device(cfg.device)
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
 
-    images = gather(cfg)
-    frames_np, ok = load_frames(images, cfg.clean, cfg.cache_dir)
+    # Rank 0 generates phantoms and fills the frame cache; the other ranks then read the cache.
+    if ranks.main:
+        images = gather(cfg)
+        frames_np, ok = load_frames(images, cfg.clean, cfg.cache_dir)
+    barrier()
+    if not ranks.main:
+        images = gather(cfg)
+        frames_np, ok = load_frames(images, cfg.clean, cfg.cache_dir)
     keep = np.flatnonzero(ok)
     frames_np = frames_np[keep]
     labels = [images.labels[i] for i in keep]
@@ -147,6 +156,12 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
 
     frames = torch.from_numpy(frames_np)
     backbone, ssl_hist = train_ssl(frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed)
+    if ranks.enabled:
+        # The cluster step is head-only and takes seconds: rank 0 finishes the run alone.
+        barrier()
+        shutdown()
+        if not ranks.main:
+            return {}
     emb = compute_embeddings(backbone, frames, cfg.clean, device)
     nbrs = mine_neighbors(emb[train_idx], cfg.cluster.neighbors)
     head, info = train_cluster_heads(

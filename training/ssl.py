@@ -12,11 +12,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from service.clean import CleanConfig
 from training.augment import STRONG, augment, plain
 from training.config import SSLConfig
+from training.distributed import current
 from training.losses import barlow_twins_loss, nt_xent
 from training.models import ProjectionMLP, build_backbone, embed
 
@@ -40,6 +42,10 @@ class SSLMethod(nn.Module):
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DistributedDataParallel hooks forward(); the loss is the method's forward pass.
+        return self.loss(x)
 
     def after_step(self, step: int, total: int) -> None:
         """Called after each optimiser step (e.g. a momentum teacher); nothing by default."""
@@ -94,11 +100,19 @@ def train_ssl(
     frames: torch.Tensor, cfg: SSLConfig, clean: CleanConfig, device: torch.device, seed: int = 0
 ) -> tuple[nn.Module, list[float]]:
     """Train a backbone on uint8 frames [N,S,S]; returns it (eval mode) and the mean loss per epoch."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the same permutation on every rank; each takes its share
     torch.manual_seed(seed)
+    ranks = current()
     method = build_method(cfg, clean).to(device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Under torchrun, gradients are averaged across ranks; contrastive negatives stay within each rank.
+    # DINO's prototypes sit out their first epoch, so DDP must allow parameters without gradients.
+    model = (
+        DistributedDataParallel(method, find_unused_parameters=cfg.method == "dino")
+        if ranks.enabled
+        else method
+    )
     n = len(frames)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)
@@ -112,14 +126,19 @@ def train_ssl(
         perm = torch.randperm(n, generator=g)
         running = 0.0
         bar = tqdm(
-            range(steps_per_epoch), desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}", unit="step", leave=False
+            range(steps_per_epoch),
+            desc=f"{cfg.method} {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            leave=False,
+            disable=not ranks.main,
         )
         for i in bar:
-            x = frames[perm[i * batch : (i + 1) * batch]].to(device, non_blocking=True)
+            idx = perm[i * batch : (i + 1) * batch][ranks.rank :: ranks.world]
+            x = frames[idx].to(device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = cosine_schedule(step, total, cfg.lr, warmup=min(100, total // 10 + 1))
             with torch.autocast(device.type, enabled=use_amp):
-                loss = method.loss(x)
+                loss = model(x)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -132,7 +151,11 @@ def train_ssl(
             step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append(running / steps_per_epoch)
-        print(f"{cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]:.4f}")
+        if ranks.main:
+            print(
+                f"{cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]:.4f} "
+                f"({ranks.world} process(es))"
+            )
     backbone = method.backbone.eval()
     return backbone, history
 
