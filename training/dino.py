@@ -52,7 +52,12 @@ def update_center(center: torch.Tensor, teacher_out: torch.Tensor, momentum: flo
     """The EMA of the teacher's mean logit over all global views of the batch; centring it out of the
     targets keeps one prototype from taking every image (collapse), sharpening keeps them from going uniform.
     """
-    return center * momentum + teacher_out.mean(dim=0, keepdim=True) * (1 - momentum)
+    batch_mean = teacher_out.mean(dim=0, keepdim=True)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Under torchrun every rank must keep the same centre: average the batch means over ranks.
+        torch.distributed.all_reduce(batch_mean)
+        batch_mean = batch_mean / torch.distributed.get_world_size()
+    return center * momentum + batch_mean * (1 - momentum)
 
 
 def teacher_momentum(step: int, total: int, base: float) -> float:
