@@ -14,7 +14,6 @@ counts and view labels.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from service.card import sha256_file
 from service.clean import CleanConfig, overlay_mask
 
 
@@ -423,14 +423,6 @@ class TesseractReader:
         return [" ".join(t for _, t in sorted(ws)) for ws in words]
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class EasyOCRReader:
     """EasyOCR, loaded only from ``weights_dir`` (no download) after every weight file matched its pin.
 
@@ -453,7 +445,7 @@ class EasyOCRReader:
             path = weights_dir / name
             if not path.is_file():
                 raise OcrUnavailableError(f"EasyOCR weight file {path} is missing")
-            digest = sha256_of(path)
+            digest = sha256_file(path)
             if digest != expected.lower():
                 raise OcrUnavailableError(
                     f"{path} has SHA-256 {digest[:12]}…, the pin is {expected[:12]}…: refusing to load it"
