@@ -39,8 +39,8 @@ bench: setup-dev
 	$(PY) -m benchmarks.run
 
 lint: setup-dev
-	$(VENV)/bin/ruff check service training tests
-	$(VENV)/bin/ruff format --check service training tests
+	$(VENV)/bin/ruff check service training tests benchmarks
+	$(VENV)/bin/ruff format --check service training tests benchmarks
 
 format: setup-dev
 	$(VENV)/bin/ruff format service training tests

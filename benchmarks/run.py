@@ -136,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
     args = ap.parse_args(argv)
 
-    cfg = CleanConfig()
+    # Time the preprocessing the served model really uses; the defaults when there is no model.
+    card_path = args.model_repository / "model_card.json"
+    if card_path.is_file():
+        from service.card import load_card
+
+        cfg = load_card(args.model_repository, verify=False).preprocess
+    else:
+        cfg = CleanConfig()
     result: dict = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
