@@ -49,6 +49,9 @@ class CleanConfig(BaseModel):
     overlay_line_px: float = Field(3.0, gt=0, description="larger ones must be lines: area <= this * length")
     overlay_max_area: float = Field(0.02, gt=0, le=1, description="larger components are anatomy")
     overlay_dilate_px: int = Field(2, ge=0, description="mask grown by this much to cover anti-aliased edges")
+    overlay_rim_band: tuple[float, float] = Field(
+        (0.3, 0.7), description="share of black 2 px around a component: between these, a fan-rim echo"
+    )
 
     # Fan: the convex hull of the largest region of echo after blurring, thresholding and opening.
     fan_level: int = Field(2, ge=0, le=255, description="blurred gray level above which a pixel is echo")
@@ -86,6 +89,23 @@ def _extent(labels: np.ndarray, coord: np.ndarray, n: int) -> np.ndarray:
     return np.maximum(hi - lo + 1, 0)
 
 
+def _on_fan_rim(frame: np.ndarray, labels: np.ndarray, n: int, cfg: CleanConfig) -> np.ndarray:
+    """Per label: whether the component lies on the fan's boundary, its surroundings part black margin and
+    part image. A bright echo against the black margin shows a pixel-sharp step there, on one side only;
+    burnt-in text and graphics lie in the margin (surroundings black but for their own anti-aliased edge)
+    or on the image (surroundings echo)."""
+    # The ring 2 px out: a glyph's anti-aliased edge (1 px out) is not what surrounds it.
+    grown = labels.astype(np.float32)
+    near = cv2.dilate(grown, _rect(3)) > 0
+    ring_labels = cv2.dilate(grown, _rect(5)).astype(np.int32)
+    ring = (ring_labels > 0) & ~near
+    ring_px = np.bincount(ring_labels[ring], minlength=n)
+    ring_black = np.bincount(ring_labels[ring & (frame <= cfg.black_level)], minlength=n)
+    share = ring_black / np.maximum(ring_px, 1)
+    lo, hi = cfg.overlay_rim_band
+    return (share > lo) & (share < hi)
+
+
 def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
     """Burnt-in overlays (text, calipers, markers, dotted lines, tick marks): bool HxW, already dilated.
 
@@ -116,6 +136,7 @@ def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarra
     keep = sharp >= cfg.overlay_min_sharp_fraction * area
     keep &= (area <= cfg.overlay_small_area) | (area <= cfg.overlay_line_px * length)
     keep &= area <= cfg.overlay_max_area * h * w
+    keep &= ~_on_fan_rim(frame, labels, n, cfg)
     keep[0] = False
     mask = np.zeros((h, w), np.uint8)
     mask[ys, xs] = keep[cand_labels]
