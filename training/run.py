@@ -38,15 +38,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def git_commit() -> str:
-    """The commit the code ran from, marked ``-dirty`` when tracked files had uncommitted changes."""
+def git_commit(exclude: Path | None = None) -> str:
+    """The commit the code ran from, marked ``-dirty`` when tracked files had uncommitted changes.
+
+    ``exclude`` (the output repository, which a rebuild of the bundled model rewrites) does not count.
+    """
     try:
 
         def git(*args: str) -> str:
             return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
 
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        spec = ["--", ".", f":(exclude){Path(exclude).resolve()}"] if exclude else []
+        dirty = git("status", "--porcelain", "--untracked-files=no", *spec)
         return f"{commit}-dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -223,7 +227,7 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
         backbone_arch=cfg.ssl.backbone,
         epochs={"ssl": cfg.ssl.epochs, "cluster": cfg.cluster.epochs, "selflabel": cfg.selflabel.epochs},
         seed=cfg.seed,
-        git_commit=git_commit(),
+        git_commit=git_commit(exclude=out),
         torch_version=torch.__version__,
         device=f"{device.type} ({platform.processor() or platform.machine()})",
         note="cluster names taken from majority labels of the training images" if names else "",
