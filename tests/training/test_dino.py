@@ -6,20 +6,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 from service.clean import CleanConfig  # noqa: E402
 from training.config import SSLConfig  # noqa: E402
 from training.dino import DINO, dino_loss, teacher_momentum, update_center  # noqa: E402
 from training.ssl import compute_embeddings, train_ssl  # noqa: E402
 from training.vit import VisionTransformer  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on a busy machine two threads waiting on each other cost 10x more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny_cfg(**kw) -> SSLConfig:

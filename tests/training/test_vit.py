@@ -4,17 +4,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 from training.models import build_backbone  # noqa: E402
 from training.vit import VisionTransformer, build_vit  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: on a busy machine two threads waiting on each other cost 10x more than they save.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
