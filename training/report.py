@@ -161,6 +161,19 @@ def write_report(run_dir: Path) -> Path:
     ]
     if q.get("heldout_inductive"):
         lines += ["## Held-out subjects (inductive)", "", *metric_table(q["heldout_inductive"])]
+    if q.get("linear_probe_heldout"):
+        lines += [
+            "Supervised bound (logistic regression fitted on the training subjects' labels, accuracy on the "
+            "held-out subjects):",
+            "",
+            "| source | frozen embeddings | raw 32x32 pixels |",
+            "|---|---|---|",
+            *[
+                f"| {src} | {v['embeddings']:.3f} | {v['raw_pixels']:.3f} |"
+                for src, v in q["linear_probe_heldout"].items()
+            ],
+            "",
+        ]
     if q.get("neighbor_accuracy_train") is not None:
         lines += [f"Mined-neighbour label agreement (train): {q['neighbor_accuracy_train']:.3f}", ""]
     lines += [

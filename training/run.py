@@ -114,6 +114,30 @@ def evaluate(
     return out
 
 
+def linear_probe(
+    embeddings: np.ndarray, frames: np.ndarray, labels: list, sources: list, held: np.ndarray, seed: int
+) -> dict[str, dict[str, float]]:
+    """Supervised upper bound: logistic regression on the frozen embeddings (and on raw pixels), fitted on
+    the training subjects' labels and scored on the held-out subjects, per labelled source."""
+    from sklearn.linear_model import LogisticRegression
+
+    out: dict[str, dict[str, float]] = {}
+    labels_arr = np.array([lab or "" for lab in labels])
+    sources_arr = np.array(sources)
+    for source in sorted(set(sources)):
+        sel = (sources_arr == source) & (labels_arr != "")
+        fit, test = sel & ~held, sel & held
+        if len(set(labels_arr[fit])) < 2 or test.sum() < 2:
+            continue
+        scores = {}
+        for name, feats in (("embeddings", embeddings), ("raw_pixels", raw_pixels(frames))):
+            x_fit, x_test = feats[fit], feats[test]
+            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(x_fit, labels_arr[fit])
+            scores[name] = float(clf.score(x_test, labels_arr[test]))
+        out[source] = scores
+    return out
+
+
 def name_clusters(pred: np.ndarray, labels: list, k: int, min_share: float = 0.6) -> dict[int, str]:
     """Name a cluster after its majority label when that label holds ``min_share`` of its labelled members."""
     names: dict[int, str] = {}
@@ -202,6 +226,9 @@ def run(cfg: TrainConfig, out: Path, run_dir: Path, command: str = "") -> dict:
     quality = {
         "train_transductive": split_eval(~held),
         "heldout_inductive": split_eval(held) if held.any() else {},
+        "linear_probe_heldout": linear_probe(emb, frames_np, labels, sources, held, cfg.seed)
+        if held.any()
+        else {},
         "neighbor_accuracy_train": (
             neighbor_accuracy(nbrs, np.array([labels[i] or "" for i in train_idx]))
             if labelled.all()

@@ -54,7 +54,10 @@ def test_cli_train_writes_a_valid_repository(phantom_dir, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["quality"]["heldout_inductive"], "held-out subjects must be evaluated"
     assert sum(summary["quality"]["cluster_sizes_train"]) > 0
+    (probe,) = summary["quality"]["linear_probe_heldout"].values()
+    assert 0.0 <= probe["embeddings"] <= 1.0 and 0.0 <= probe["raw_pixels"] <= 1.0
     report = (run_dir / "report.md").read_text()
+    assert "Supervised bound" in report
     assert "Held-out subjects (inductive)" in report and "kmeans_raw_pixels" in report
     for png in ("losses.png", "tsne_labels.png", "tsne_clusters.png", "gallery.png"):
         assert (run_dir / png).stat().st_size > 1000
