@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 
 from service.decode import decode_image
 from training.data import read_spec
-from training.metrics import cluster_metrics
+from training.metrics import cluster_metrics, raw_pixels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,16 +85,6 @@ def cluster_via_service(url: str, paths: list[Path], chunk: int = 16) -> list[in
     return out
 
 
-def raw_pixel_features(paths: list[Path], side: int = 32) -> np.ndarray:
-    """The naive baseline: decoded gray frames, uncleaned, downscaled to side x side."""
-    import cv2
-
-    feats = [
-        cv2.resize(decode_image(p.read_bytes()), (side, side), interpolation=cv2.INTER_AREA) for p in paths
-    ]
-    return np.stack(feats).reshape(len(paths), -1).astype(np.float32) / 255.0
-
-
 def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
     images = read_spec(data)
     keep = [i for i, lab in enumerate(images.labels) if lab]
@@ -106,7 +96,7 @@ def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
     served = np.array([c is not None for c in clusters])
     pred = np.array([c if c is not None else -1 for c in clusters])
     raw = KMeans(n_clusters=min(k, len(paths)), n_init=10, random_state=seed).fit_predict(
-        raw_pixel_features(paths)
+        raw_pixels(decode_image(p.read_bytes()) for p in paths)
     )
     classes, counts = np.unique(labels, return_counts=True)
     return {

@@ -7,6 +7,14 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 
+def raw_pixels(frames, side: int = 32) -> np.ndarray:
+    """The naive baseline's features: gray frames (any sizes) downscaled to side x side, in [0, 1]."""
+    import cv2
+
+    small = [cv2.resize(f, (side, side), interpolation=cv2.INTER_AREA) for f in frames]
+    return np.stack(small).reshape(len(small), -1).astype(np.float32) / 255.0
+
+
 def contingency(pred: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Counts [clusters x classes] with the cluster ids and class values they index."""
     clusters, p = np.unique(pred, return_inverse=True)

@@ -20,7 +20,7 @@ from training.data import ImageList, load_frames, read_csv_layout, read_spec, su
 from training.distributed import barrier, init_distributed, shutdown
 from training.export import write_model_repository
 from training.knn import mine_neighbors, neighbor_accuracy
-from training.metrics import cluster_metrics
+from training.metrics import cluster_metrics, raw_pixels
 from training.ood import calibrate_ood
 from training.selflabel import self_label
 from training.ssl import compute_embeddings, train_ssl
@@ -70,18 +70,6 @@ def gather(cfg: TrainConfig) -> ImageList:
     if not len(images):
         raise SystemExit("no images: give --data and/or --phantoms")
     return images
-
-
-def raw_pixels(frames: np.ndarray, side: int = 32) -> np.ndarray:
-    """Downscaled raw pixels, the naive baseline's features."""
-    import cv2
-
-    return (
-        np.stack([cv2.resize(f, (side, side), interpolation=cv2.INTER_AREA).ravel() for f in frames]).astype(
-            np.float32
-        )
-        / 255.0
-    )
 
 
 def evaluate(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.deploy.tools import free_port, missing, require_executable
+from tests.deploy.tools import free_port, missing, require_executable, stop
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "orthanc" / "orthanc.json"
 READY_TIMEOUT_S = 15.0
@@ -70,9 +70,4 @@ def test_orthanc_starts_with_the_example_config(tmp_path: Path) -> None:
         assert "dicom-web" in get_json(f"{base}/plugins")
         assert get_json(f"{base}/dicom-web/studies") == []
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, timeout=15)

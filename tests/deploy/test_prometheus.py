@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics import MetricWrapperBase
 
 from service import metrics
-from tests.deploy.tools import free_port, require_executable
+from tests.deploy.tools import free_port, require_executable, stop
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
@@ -268,12 +268,7 @@ def prometheus(exporter: int, tmp_path: Path) -> Iterator[str]:
         )
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, timeout=10)
 
 
 @pytest.mark.integration

@@ -174,3 +174,23 @@ def good_png() -> bytes:
 @pytest.fixture(scope="session")
 def other_pngs() -> list[bytes]:
     return [png_bytes(synthetic_frame(seed)) for seed in range(1, 6)]
+
+
+class BrokenBackend:
+    """A backend whose model call always fails, as a crashed or unreachable inference server would."""
+
+    name = "broken"
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        from service.errors import BackendUnavailableError
+
+        raise BackendUnavailableError("the inference backend failed to run fusc_backbone")
+
+    def assign(self, emb: np.ndarray) -> np.ndarray:
+        raise AssertionError("not reached")
+
+    def ready(self) -> bool:
+        return False
+
+    def describe(self) -> dict[str, object]:
+        return {"name": self.name}

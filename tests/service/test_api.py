@@ -22,7 +22,7 @@ with warnings.catch_warnings():
 
 from service.api import FuscService
 from service.card import CARD_FILENAME
-from tests.service.conftest import TINY_K, TINY_VERSION, reference_probs
+from tests.service.conftest import TINY_K, TINY_VERSION, BrokenBackend, reference_probs
 
 TEXT = b"this is a plain text file, not an image\n" * 4
 MAX_UPLOAD = 300_000  # small, so that the size limit can be hit cheaply
@@ -179,28 +179,10 @@ def test_model_summary(client: TestClient) -> None:
     assert body["limits"]["max_batch_files"] == MAX_BATCH
 
 
-class _BrokenBackend:
-    name = "broken"
-
-    def embed(self, x: np.ndarray) -> np.ndarray:
-        from service.errors import BackendUnavailableError
-
-        raise BackendUnavailableError("the inference backend failed to run fusc_backbone")
-
-    def assign(self, emb: np.ndarray) -> np.ndarray:
-        raise AssertionError("not reached")
-
-    def ready(self) -> bool:
-        return False
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name}
-
-
 def test_backend_failure_is_503_with_retry_after(client: TestClient, good_png: bytes) -> None:
     pipeline = bentoml.get_current_service().pipeline
     healthy = pipeline.backend
-    pipeline.backend = _BrokenBackend()
+    pipeline.backend = BrokenBackend()
     try:
         r = client.post("/v1/cluster", files={"image": ("x", good_png, "image/png")})
         assert_error(r.status_code, r.json(), 503, "backend_unavailable")

@@ -15,7 +15,7 @@ from service.card import CARD_FILENAME, load_card
 from service.errors import BackendUnavailableError, FuscError, ModelRepositoryError
 from service.pipeline import ClusterResult, Pipeline, load_pipeline
 from service.settings import DEFAULT_MODEL_REPOSITORY, Settings, SettingsError
-from tests.service.conftest import TINY_K, TINY_NAMES, TINY_VERSION, reference_probs
+from tests.service.conftest import TINY_K, TINY_NAMES, TINY_VERSION, BrokenBackend, reference_probs
 
 TEXT = b"this is a plain text file, not an image\n" * 4
 
@@ -94,22 +94,6 @@ def test_metrics_are_recorded(pipeline: Pipeline, good_png: bytes) -> None:
     assert sample("fusc_confidence_count") >= 1
     pipeline.cluster([TEXT])
     assert sample("fusc_errors_total", {"code": "unsupported_format"}) == errors_before + 1
-
-
-class BrokenBackend:
-    name = "broken"
-
-    def embed(self, x: np.ndarray) -> np.ndarray:
-        raise BackendUnavailableError("the inference backend failed to run fusc_backbone")
-
-    def assign(self, emb: np.ndarray) -> np.ndarray:
-        raise AssertionError("not reached")
-
-    def ready(self) -> bool:
-        return False
-
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name}
 
 
 def test_backend_failure_raises_for_the_whole_call(pipeline: Pipeline, good_png: bytes) -> None:
