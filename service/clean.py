@@ -48,9 +48,15 @@ class CleanConfig(BaseModel):
     overlay_small_area: int = Field(400, ge=1, description="up to this many px: any shape")
     overlay_line_px: float = Field(3.0, gt=0, description="larger ones must be lines: area <= this * length")
     overlay_max_area: float = Field(0.02, gt=0, le=1, description="larger components are anatomy")
+    overlay_run_px: int = Field(
+        20, ge=3, description="straight runs this long (or 1/16 of the longest side) are judged apart"
+    )
     overlay_dilate_px: int = Field(2, ge=0, description="mask grown by this much to cover anti-aliased edges")
     overlay_rim_band: tuple[float, float] = Field(
         (0.3, 0.7), description="share of black 2 px around a component: between these, a fan-rim echo"
+    )
+    overlay_line_gap_px: int = Field(
+        6, ge=0, description="... unless a kept overlay stands this close beside it (a glyph of its line)"
     )
 
     # Fan: the convex hull of the largest region of echo after blurring, thresholding and opening.
@@ -106,6 +112,20 @@ def _on_fan_rim(frame: np.ndarray, labels: np.ndarray, n: int, cfg: CleanConfig)
     return (share > lo) & (share < hi)
 
 
+def _components(cand: np.ndarray, run: int) -> tuple[int, np.ndarray]:
+    """Connected components of ``cand`` (uint8 0/1), with straight horizontal and vertical runs of ``run``
+    px and more (a depth scale, a box edge) labelled apart from what touches them, so that glyphs written
+    against the depth scale are judged as glyphs and the scale as a line."""
+    runs = cv2.morphologyEx(cand, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, run)))
+    runs |= cv2.morphologyEx(cand, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (run, 1)))
+    if not runs.any():
+        return cv2.connectedComponents(cand, connectivity=8)
+    n, labels = cv2.connectedComponents(cand & (1 - runs), connectivity=8)
+    n_runs, run_labels = cv2.connectedComponents(runs, connectivity=8)
+    labels[runs > 0] = run_labels[runs > 0] + (n - 1)
+    return n + n_runs - 1, labels
+
+
 def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
     """Burnt-in overlays (text, calipers, markers, dotted lines, tick marks): bool HxW, already dilated.
 
@@ -123,7 +143,7 @@ def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarra
     if not cand.any():
         return np.zeros((h, w), bool)
     # Statistics and the keep decision are gathered on candidate pixels only (they are sparse).
-    n, labels = cv2.connectedComponents(cand.view(np.uint8), connectivity=8)
+    n, labels = _components(cand.view(np.uint8), max(cfg.overlay_run_px, max(h, w) // 16))
     points = cv2.findNonZero(cand.view(np.uint8)).reshape(-1, 2)  # several times faster than np.nonzero
     xs, ys = points[:, 0], points[:, 1]
     cand_labels = labels[ys, xs]
@@ -136,10 +156,25 @@ def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarra
     keep = sharp >= cfg.overlay_min_sharp_fraction * area
     keep &= (area <= cfg.overlay_small_area) | (area <= cfg.overlay_line_px * length)
     keep &= area <= cfg.overlay_max_area * h * w
-    keep &= ~_on_fan_rim(frame, labels, n, cfg)
     keep[0] = False
+    rim = keep & _on_fan_rim(frame, labels, n, cfg)
+    keep &= ~rim
     mask = np.zeros((h, w), np.uint8)
     mask[ys, xs] = keep[cand_labels]
+    if rim.any() and keep.any():
+        # A glyph of a line that crosses the fan's edge also lies part on black, part on echo; it is kept
+        # when its line (glyphs at most ``overlay_line_gap_px`` apart on the same rows) holds a glyph that
+        # passed the rim test.
+        g = cfg.overlay_line_gap_px
+        both = np.zeros((h, w), np.uint8)
+        both[ys, xs] = (keep | rim)[cand_labels]
+        lines = cv2.dilate(both, cv2.getStructuringElement(cv2.MORPH_RECT, (g + 1, 1)), anchor=(0, 0))
+        _, line_labels = cv2.connectedComponents(lines, connectivity=4)
+        line_of = line_labels[ys, xs]
+        sure = np.zeros(int(line_labels.max()) + 1, bool)
+        sure[line_of[keep[cand_labels]]] = True
+        rescued = rim[cand_labels] & sure[line_of]
+        mask[ys[rescued], xs[rescued]] = 1
     if cfg.overlay_dilate_px > 0:
         mask = cv2.dilate(mask, _rect(2 * cfg.overlay_dilate_px + 1))
     return mask.astype(bool)
@@ -156,16 +191,21 @@ def black_box_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndar
     return cv2.morphologyEx(dark, cv2.MORPH_OPEN, _rect(cfg.black_box_px)).astype(bool)
 
 
-def fan_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
+def fan_mask(
+    frame: np.ndarray, cfg: CleanConfig | None = None, overlays: np.ndarray | None = None
+) -> np.ndarray:
     """The ultrasound sector/fan: bool HxW; the whole frame when no convincing region is found.
 
-    Call it at work resolution (a few hundred px): its kernel sizes are meant for that scale.
+    Call it at work resolution (a few hundred px): its kernel sizes are meant for that scale. Pixels in
+    ``overlays`` (bool HxW) do not count as echo: text and scale marks that touch the fan would otherwise
+    join its region and stretch its hull over the margin where they stand.
     """
     cfg = cfg or CleanConfig()
     frame = _as_gray8(frame)
     h, w = frame.shape
     side = max(h, w)
-    blur = cv2.blur(frame, (5, 5))
+    echo_src = frame if overlays is None else np.where(overlays, np.uint8(0), frame)
+    blur = cv2.blur(echo_src, (5, 5))
     echo = (blur > cfg.fan_level).astype(np.uint8)
     # Opening detaches thin things that touch the fan (text, the gray-scale bar) so they do not join it.
     k_open = max(3, side // 100 | 1)
@@ -231,8 +271,14 @@ def _fit(shape: tuple[int, int], side: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
-def clean_frame(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
-    """Gray frame -> cleaned uint8 (size, size): overlays inpainted, fan cropped, padded square, resized."""
+def remove_overlays(
+    frame: np.ndarray, cfg: CleanConfig | None = None, *, full_resolution: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-4 of :func:`clean_frame`: (frame with overlays inpainted and black outside the fan, fan).
+
+    At ``work_size`` (what :func:`clean_frame` uses), or at the frame's own resolution with
+    ``full_resolution`` (for looking at, and for OCR checks of what cleaning leaves).
+    """
     cfg = cfg or CleanConfig()
     frame = _as_gray8(frame)
     frame = _resize(frame, *_fit(frame.shape, cfg.mask_max_side))
@@ -241,15 +287,25 @@ def clean_frame(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray
     ww, wh = _fit(frame.shape, max(cfg.work_size, cfg.size))  # never work below the output size
     work = _resize(frame, ww, wh)
     # Area-shrinking the mask and keeping any coverage keeps every partly covered work pixel masked.
-    overlays = _resize(overlays.astype(np.uint8) * 255, ww, wh) > 0
-
-    fan = fan_mask(work, cfg)
+    work_overlays = _resize(overlays.astype(np.uint8) * 255, ww, wh) > 0
+    fan = fan_mask(work, cfg, work_overlays)
     # A bright echo against the black margin also shows a pixel-sharp step; the fan's outer rim is
     # therefore left alone (inpainting it would only pull black inwards).
     inner = cv2.erode(fan.view(np.uint8), _rect(3)).view(bool)
-    work = inpaint(work, overlays & inner, cfg)
+    if full_resolution and (ww, wh) != (frame.shape[1], frame.shape[0]):
+        h, w = frame.shape
+        fan = cv2.resize(fan.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).view(bool)
+        inner = cv2.resize(inner.view(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).view(bool)
+        work, work_overlays = frame, overlays
+    work = inpaint(work, work_overlays & inner, cfg)
     work[~fan] = 0
+    return work, fan
 
+
+def clean_frame(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
+    """Gray frame -> cleaned uint8 (size, size): overlays inpainted, fan cropped, padded square, resized."""
+    cfg = cfg or CleanConfig()
+    work, fan = remove_overlays(frame, cfg)
     ys, xs = np.nonzero(fan)
     work = work[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
     h, w = work.shape

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.clean import CleanConfig, fan_mask, inpaint, overlay_mask
+from service.clean import CleanConfig, overlay_mask, remove_overlays
 from training.phantoms import Phantom, iter_phantoms
 
 TOLERANCE_PX = 2  # Chebyshev distance: the overlay mask itself is grown by a 5x5 square
@@ -34,19 +34,7 @@ def true_overlay(ph: Phantom) -> np.ndarray:
 
 def clean_full_resolution(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
     """clean_frame's overlay and fan steps at the frame's own size (no crop, no resize), for OCR to read."""
-    cfg = cfg or CleanConfig()
-    h, w = frame.shape
-    overlays = overlay_mask(frame, cfg)
-    s = min(1.0, cfg.work_size / max(h, w))
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    work = cv2.resize(frame, size, interpolation=cv2.INTER_AREA) if s < 1 else frame
-    fan = fan_mask(work, cfg).astype(np.uint8)
-    inner = cv2.erode(fan, np.ones((3, 3), np.uint8))
-    fan = cv2.resize(fan, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-    inner = cv2.resize(inner, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
-    out = inpaint(frame, overlays & inner, cfg)
-    out[~fan] = 0
-    return out
+    return remove_overlays(frame, cfg, full_resolution=True)[0]
 
 
 @dataclass
