@@ -16,13 +16,43 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("train", help="SSL backbone + FUSC cluster head, exported to a model repository")
     t.add_argument("--preset", default="cpu-small", help="smoke | cpu-small | gpu-paper")
     t.add_argument("--config", type=Path, help="JSON file merged over the preset")
-    t.add_argument("--data", action="append", default=[], help="kind:path with kind csv | fpdb | folder")
+    t.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        help="kind:path, repeatable; kinds: csv (labels.csv), csv-fine (brain sub-plane labels from a "
+        "brain_plane column), fpdb (published FETAL_PLANES_DB), fpdb-fine (brain sub-planes as labels), "
+        "folder (images, unlabelled), dicom (every DICOM file under the folder; labels from labels.csv in it "
+        "or <folder>.csv beside it, optional; subjects are keyed hashes of PatientID/StudyInstanceUID)",
+    )
     t.add_argument("--phantoms", type=int, help="add this many generated phantom images")
     t.add_argument("--method", choices=["simclr", "barlowtwins", "dino"], help="SSL method")
     t.add_argument(
         "--backbone", help="resnet18 | resnet18-half | resnet18-quarter | vit-small-16 | vit-tiny-16"
     )
     t.add_argument("--clusters", type=int, help="number of clusters K")
+    t.add_argument(
+        "--overcluster",
+        type=int,
+        metavar="K",
+        help="also train head-only over-clustering heads with K clusters (e.g. 120) and report them beside "
+        "the main K (paper Table 3)",
+    )
+    t.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="run the whole pipeline once per seed (same held-out subjects) into RUN_DIR/seed-N and write "
+        "mean ± std of every metric to RUN_DIR/report.md/.html and RUN_DIR/seeds.json; --out gets the "
+        "first seed's model",
+    )
+    t.add_argument(
+        "--coarse-map",
+        type=Path,
+        help="JSON {fine label: coarse view} merged over the default map, for the merged-view tables "
+        "(paper Table 2)",
+    )
     t.add_argument("--ssl-epochs", type=int)
     t.add_argument("--cluster-epochs", type=int)
     t.add_argument("--size", type=int, help="model input side in pixels")
@@ -31,21 +61,42 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--version", help="model version written into the card")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    t.add_argument("--threads", type=int, help="torch CPU threads")
     t.add_argument("--cache-dir", type=Path, help="where cleaned frames and generated phantoms are cached")
     t.add_argument("--out", type=Path, default=Path("model_repository"))
-    t.add_argument("--run-dir", type=Path, default=Path("runs/latest"))
+    t.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path("runs/latest"),
+        help="report, outputs and per-stage checkpoints (RUN_DIR/checkpoints/<stage>.pt)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in RUN_DIR from its last finished stage; the options must give "
+        "the same configuration as the interrupted run (else refused)",
+    )
+    t.add_argument(
+        "--stop-after",
+        choices=["ssl", "cluster", "selflabel", "overcluster"],
+        help="stop once this stage's checkpoint is written (exit status 3); continue later with --resume",
+    )
+    t.add_argument("--no-report", action="store_true", help="skip report.md/report.html and their plots")
 
     args, rest = parser.parse_known_args(argv)
     if args.cmd == "train":
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         from training.config import build_config
-        from training.run import run
+        from training.run import RunStopped, run
 
         overrides = {
             "data": args.data or None,
             "phantoms": args.phantoms,
             "seed": args.seed,
+            "seeds": args.seeds,
+            "coarse_map": args.coarse_map,
+            "threads": args.threads,
             "device": args.device,
             "version": args.version,
             "test_fraction": args.test_fraction,
@@ -63,10 +114,28 @@ def main(argv: list[str] | None = None) -> int:
             }
             or None,
             "cluster": {
-                k: v for k, v in {"num_clusters": args.clusters, "epochs": args.cluster_epochs}.items() if v
+                k: v
+                for k, v in {
+                    "num_clusters": args.clusters,
+                    "epochs": args.cluster_epochs,
+                    "overcluster": args.overcluster,
+                }.items()
+                if v
             }
             or None,
         }
         cfg = build_config(args.preset, args.config, **overrides)
-        run(cfg, args.out, args.run_dir, command="python -m training " + shlex.join(argv))
+        try:
+            run(
+                cfg,
+                args.out,
+                args.run_dir,
+                command="python -m training " + shlex.join(argv),
+                resume=args.resume,
+                stop_after=args.stop_after,
+                report=not args.no_report,
+            )
+        except RunStopped as stop:
+            print(stop)
+            return 3
     return 0

@@ -55,6 +55,9 @@ class ClusterConfig(BaseModel):
     # Head-only training reads unit-norm embeddings: a high rate lets the logits grow to confident values.
     lr: float = 1e-2
     update_backbone: bool = False
+    # Over-clustering (paper Table 3): > 0 trains a second, head-only set of heads with this many clusters
+    # on the same embeddings and neighbours, evaluated beside the main K (0: off).
+    overcluster: int = 0
 
 
 class SelfLabelConfig(BaseModel):
@@ -82,6 +85,12 @@ class TrainConfig(BaseModel):
     selflabel: SelfLabelConfig = Field(default_factory=SelfLabelConfig)
     name_clusters_from_labels: bool = False
     cache_dir: Path = Path("runs/cache")
+    # Held-out subjects are drawn with this seed (None: ``seed``); runs over several seeds share one split.
+    split_seed: int | None = None
+    # The whole pipeline once per seed (empty: once, with ``seed``), with mean +- std of every metric.
+    seeds: list[int] = Field(default_factory=list)
+    # JSON {fine label: coarse view} merged over the defaults of training.metrics.COARSE_VIEWS.
+    coarse_map: Path | None = None
 
 
 PRESETS: dict[str, dict] = {

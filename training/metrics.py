@@ -46,3 +46,68 @@ def cluster_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         "ari": float(adjusted_rand_score(labels, pred)),
         "filled_clusters": int(len(np.unique(pred))),
     }
+
+
+# Paper Table 2 merges views that are sub-planes of one anatomy. Fine label -> coarse view; labels not listed
+# stay as they are. FETAL_PLANES_DB's brain sub-planes (``fpdb-fine``/``csv-fine`` data) merge into the
+# brain; the phantom views merge by body region. A JSON file given as ``coarse_map`` adds or overrides.
+COARSE_VIEWS: dict[str, str] = {
+    "Trans-thalamic": "Fetal brain",
+    "Trans-cerebellum": "Fetal brain",
+    "Trans-ventricular": "Fetal brain",
+    "brain": "head",
+    "profile": "head",
+    "abdomen": "abdomen",
+    "kidneys": "abdomen",
+    "thorax_4ch": "thorax",
+    "spine": "spine",
+    "femur": "femur",
+    "cervix": "cervix",
+}
+
+
+def coarse_map(path=None) -> dict[str, str]:
+    """The default fine -> coarse mapping, updated by a JSON object read from ``path`` when given."""
+    import json
+    from pathlib import Path
+
+    mapping = dict(COARSE_VIEWS)
+    if path:
+        extra = json.loads(Path(path).read_text())
+        if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in extra.items()
+        ):
+            raise ValueError(f"{path}: the coarse map must be a JSON object of fine label -> coarse view")
+        mapping.update(extra)
+    return mapping
+
+
+def to_coarse(labels, mapping: dict[str, str]) -> np.ndarray:
+    """Each label's coarse view (itself when unmapped; empty labels stay empty)."""
+    return np.array([mapping.get(lab, lab) if lab else lab for lab in labels], dtype=object).astype(str)
+
+
+def flatten_numbers(tree, prefix: str = "") -> dict[str, float]:
+    """``{"a/b/c": value}`` for every int/float leaf of nested dicts (lists and strings are left out)."""
+    out: dict[str, float] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            out.update(flatten_numbers(value, f"{prefix}/{key}" if prefix else str(key)))
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        out[prefix] = float(tree)
+    return out
+
+
+def mean_std(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and sample standard deviation (ddof=1; 0 for one run) of every numeric leaf across runs, for
+    the leaves that every run has: ``{path: {"mean", "std", "n"}}``."""
+    flat = [flatten_numbers(r) for r in runs]
+    if not flat:
+        return {}
+    common = [k for k in flat[0] if all(k in f for f in flat[1:])]
+    out = {}
+    for key in common:
+        values = np.array([f[key] for f in flat])
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out[key] = {"mean": float(values.mean()), "std": std, "n": len(values)}
+    return out

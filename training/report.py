@@ -1,10 +1,14 @@
-"""A run's report: Markdown with metric tables, per-cluster top-3 labels, loss curves, a t-SNE map and a
-gallery of each cluster's most and least confident images. ``python -m training.report RUN_DIR``."""
+"""A run's report, as Markdown and as HTML beside it (same content, images by relative path): metric tables
+(fine labels, merged coarse views, over-clustering), per-cluster top-3 labels, loss curves, a t-SNE map and a
+gallery of each cluster's most and least confident images; for a run over several seeds, mean +- std of every
+metric. ``python -m training.report RUN_DIR``."""
 
 from __future__ import annotations
 
 import argparse
+import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,18 @@ def _fmt(x: float | int) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _metric_rows(res: dict, rows=METRIC_ROWS) -> list[str]:
+    lines = ["| method | purity | NMI | ACC | ARI | filled clusters |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        if row in res:
+            m = res[row]
+            lines.append(
+                f"| {row} | {_fmt(m['purity'])} | {_fmt(m['nmi'])} | {_fmt(m['acc'])} | {_fmt(m['ari'])} "
+                f"| {m['filled_clusters']} |"
+            )
+    return lines
+
+
 def metric_table(per_source: dict) -> list[str]:
     lines = []
     for source, res in per_source.items():
@@ -23,16 +39,38 @@ def metric_table(per_source: dict) -> list[str]:
             f"**{source}** — {res['n']} labelled images, {res['classes']} classes"
             + (" (synthetic phantoms)" if source == "phantoms" else ""),
             "",
-            "| method | purity | NMI | ACC | ARI | filled clusters |",
+            *_metric_rows(res),
+            "",
+        ]
+        if "coarse" in res:
+            lines += [
+                f"Merged coarse views (paper Table 2): the same clusters scored against "
+                f"{res['coarse']['classes']} coarse views.",
+                "",
+                *_metric_rows(res["coarse"]),
+                "",
+            ]
+    return lines
+
+
+def overcluster_table(per_source: dict, k_main: int, k_over: int) -> list[str]:
+    """Paper Table 3: the over-clustering heads beside the main K (both before self-labeling)."""
+    lines = []
+    for source, res in per_source.items():
+        if "fusc_overcluster" not in res:
+            continue
+        lines += [
+            f"**{source}** — {res['n']} labelled images, {res['classes']} classes",
+            "",
+            "| heads | K | filled clusters | purity | NMI | ACC |",
             "|---|---|---|---|---|---|",
         ]
-        for row in METRIC_ROWS:
-            if row in res:
-                m = res[row]
-                lines.append(
-                    f"| {row} | {_fmt(m['purity'])} | {_fmt(m['nmi'])} | {_fmt(m['acc'])} | {_fmt(m['ari'])} "
-                    f"| {m['filled_clusters']} |"
-                )
+        for name, k in (("fusc_cluster_step", k_main), ("fusc", k_main), ("fusc_overcluster", k_over)):
+            m = res[name]
+            lines.append(
+                f"| {name} | {k} | {m['filled_clusters']} | {_fmt(m['purity'])} | {_fmt(m['nmi'])} "
+                f"| {_fmt(m['acc'])} |"
+            )
         lines.append("")
     return lines
 
@@ -74,25 +112,33 @@ def plot_losses(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tsne(
-    emb: np.ndarray, colour: np.ndarray, title: str, path: Path, seed: int = 0, max_points: int = 3000
-):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def tsne_xy(emb: np.ndarray, seed: int = 0, max_points: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of at most ``max_points`` embeddings, their 2-D t-SNE positions); computed once per report."""
     from sklearn.manifold import TSNE
 
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(emb))[:max_points]
-    xy = TSNE(2, init="pca", perplexity=min(30, max(5, len(idx) // 5)), random_state=seed).fit_transform(
-        emb[idx]
-    )
+    xy = TSNE(
+        2,
+        init="pca",
+        perplexity=min(30, max(5, len(idx) // 5)),
+        random_state=seed,
+        method="exact" if len(idx) <= 300 else "barnes_hut",
+    ).fit_transform(emb[idx])
+    return idx, xy
+
+
+def plot_tsne(xy: np.ndarray, colour: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 6))
-    values = np.unique(colour[idx])
+    values = np.unique(colour)
     cmap = plt.get_cmap("tab20", max(len(values), 1))
     for i, v in enumerate(values):
-        sel = colour[idx] == v
+        sel = colour == v
         ax.scatter(xy[sel, 0], xy[sel, 1], s=5, color=cmap(i), label=str(v) or "(unlabelled)")
     ax.set(title=title, xticks=[], yticks=[])
     ax.legend(markerscale=3, fontsize=7, loc="best", ncol=2 if len(values) > 10 else 1)
@@ -136,9 +182,12 @@ def write_report(run_dir: Path) -> Path:
 
     plot_losses(summary, run_dir / "losses.png")
     colour = np.where(labels != "", labels, sources)
-    plot_tsne(emb, colour, "t-SNE of embeddings, coloured by label (or source)", run_dir / "tsne_labels.png")
+    idx, xy = tsne_xy(emb)
     plot_tsne(
-        emb, pred.astype(str), "t-SNE of embeddings, coloured by cluster", run_dir / "tsne_clusters.png"
+        xy, colour[idx], "t-SNE of embeddings, coloured by label (or source)", run_dir / "tsne_labels.png"
+    )
+    plot_tsne(
+        xy, pred[idx].astype(str), "t-SNE of embeddings, coloured by cluster", run_dir / "tsne_clusters.png"
     )
     gallery(frames, probs, run_dir / "gallery.png")
 
@@ -155,12 +204,37 @@ def write_report(run_dir: Path) -> Path:
         f"self-labeling {config['selflabel']['epochs']} epochs at p ≥ {config['selflabel']['threshold']}. "
         f"Wall time {summary['seconds']} s.",
         "",
+    ]
+    if q.get("skipped_files"):
+        lines += [
+            "Files the decoder refused (left out), by error code: "
+            + ", ".join(f"`{code}` {n}" for code, n in q["skipped_files"].items())
+            + ".",
+            "",
+        ]
+    lines += [
         "## Training subjects (transductive)",
         "",
         *metric_table(q["train_transductive"]),
     ]
     if q.get("heldout_inductive"):
         lines += ["## Held-out subjects (inductive)", "", *metric_table(q["heldout_inductive"])]
+    if q.get("overcluster"):
+        oc = q["overcluster"]
+        lines += [
+            f"## Over-clustering (K = {oc['k']})",
+            "",
+            f"A second set of heads with K = {oc['k']}, trained head-only on the same embeddings and "
+            f"neighbours as the main K = {oc['k_main']} (cluster step only, no self-labeling); "
+            f"{oc['filled_clusters_train']} of its clusters hold training images.",
+            "",
+        ]
+        for title, key in (
+            ("Training subjects", "train_transductive"),
+            ("Held-out subjects", "heldout_inductive"),
+        ):
+            if q.get(key):
+                lines += [f"{title}:", "", *overcluster_table(q[key], oc["k_main"], oc["k"])]
     if q.get("linear_probe_heldout"):
         lines += [
             "Supervised bound (logistic regression fitted on the training subjects' labels, accuracy on the "
@@ -192,15 +266,168 @@ def write_report(run_dir: Path) -> Path:
         "![gallery](gallery.png)",
         "",
     ]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_markdown_and_html(run_dir, lines, f"Training report — {config['name']} {config['version']}")
+
+
+def write_markdown_and_html(run_dir: Path, lines: list[str], title: str) -> Path:
+    """``report.md`` and ``report.html`` (the same content) in ``run_dir``; returns the Markdown path."""
+    text = "\n".join(lines)
+    (run_dir / "report.md").write_text(text)
+    (run_dir / "report.html").write_text(markdown_to_html(text, title))
+    return run_dir / "report.md"
+
+
+_INLINE = [
+    (re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)"), r'<img src="\2" alt="\1">'),
+    (re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)"), r'<a href="\2">\1</a>'),
+    (re.compile(r"\*\*([^*]+)\*\*"), r"<strong>\1</strong>"),
+    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+]
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text, quote=False)
+    for pattern, repl in _INLINE:
+        out = pattern.sub(repl, out)
+    return out
+
+
+def markdown_to_html(text: str, title: str = "report") -> str:
+    """The small Markdown subset the reports use (headings, pipe tables, images, links, bold, code,
+    paragraphs) as a standalone HTML page; images stay files beside it, referenced by relative path."""
+    body: list[str] = []
+    para: list[str] = []
+    lines = text.split("\n")
+
+    def flush() -> None:
+        if para:
+            body.append("<p>" + " ".join(_inline(x) for x in para) + "</p>")
+            para.clear()
+
+    i = 0
+    while i < len(lines):
+        line = lines[i].rstrip()
+        heading = re.match(r"(#{1,6}) (.*)", line)
+        if heading:
+            flush()
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif line.startswith("|"):
+            flush()
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            i -= 1
+            table = ["<table>"]
+            for r, cells in enumerate(rows):
+                if r == 1 and all(re.fullmatch(r":?-+:?", c) for c in cells):
+                    continue
+                tag = "th" if r == 0 else "td"
+                table.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            body.append("\n".join(table + ["</table>"]))
+        elif not line:
+            flush()
+        else:
+            para.append(line)
+        i += 1
+    flush()
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 8px}"
+        "th{background:#eee}img{max-width:100%}code{background:#f4f4f4}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+SEED_METRICS = ("purity", "nmi", "acc", "ari")
+
+
+def write_seeds_report(run_dir: Path) -> Path:
+    """The aggregate of a run over several seeds (``seeds.json``): mean ± std of each metric per split,
+    source and method, with links to each seed's own report."""
+    run_dir = Path(run_dir)
+    agg = json.loads((run_dir / "seeds.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    q = agg["quality"]
+    seeds = agg["seeds"]
+
+    def cell(key: str) -> str:
+        v = q.get(key)
+        if not v:
+            return ""
+        digits = 1 if key.endswith("filled_clusters") else 3
+        return f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+
+    lines = [
+        f"# Training report over {len(seeds)} seeds — {config['name']} {config['version']}",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; every seed trains the whole pipeline (SSL, cluster step, "
+        "self-labeling) on the same images, with the same held-out subjects "
+        f"(split seed {agg['split_seed']}). "
+        "Mean ± sample standard deviation over the seeds. The exported model repository is the first seed's.",
+        "",
+    ]
+    splits = (
+        ("Training subjects (transductive)", "train_transductive"),
+        ("Held-out subjects (inductive)", "heldout_inductive"),
+    )
+    for title, split in splits:
+        sources = sorted({k.split("/")[1] for k in q if k.startswith(split + "/")})
+        if not sources:
+            continue
+        lines += [f"## {title}", ""]
+        for source in sources:
+            for scope, label in (("", "fine labels"), ("coarse/", "merged coarse views")):
+                prefix = f"{split}/{source}/{scope}"
+                methods = [m for m in (*METRIC_ROWS, "fusc_overcluster") if f"{prefix}{m}/purity" in q]
+                if not methods:
+                    continue
+                lines += [
+                    f"**{source}**, {label}",
+                    "",
+                    "| method | purity | NMI | ACC | ARI | filled clusters |",
+                    "|---|---|---|---|---|---|",
+                ]
+                for m in methods:
+                    cells = [cell(f"{prefix}{m}/{metric}") for metric in SEED_METRICS]
+                    lines.append(
+                        f"| {m} | " + " | ".join(cells) + f" | {cell(f'{prefix}{m}/filled_clusters')} |"
+                    )
+                lines.append("")
+    probes = sorted({k.split("/")[1] for k in q if k.startswith("linear_probe_heldout/")})
+    if probes:
+        lines += [
+            "Supervised bound on the held-out subjects (logistic regression accuracy):",
+            "",
+            "| source | frozen embeddings | raw 32x32 pixels |",
+            "|---|---|---|",
+            *[
+                f"| {s} | {cell(f'linear_probe_heldout/{s}/embeddings')} "
+                f"| {cell(f'linear_probe_heldout/{s}/raw_pixels')} |"
+                for s in probes
+            ],
+            "",
+        ]
+    lines += [
+        "## Each seed",
+        "",
+        *[f"- seed {s}: [report](seed-{s}/report.html) ([Markdown](seed-{s}/report.md))" for s in seeds],
+        "",
+        "All values, per seed and aggregated: `seeds.json`.",
+        "",
+    ]
+    return write_markdown_and_html(run_dir, lines, f"Training report over {len(seeds)} seeds")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.report", description=__doc__)
     ap.add_argument("run_dir", type=Path)
-    print(write_report(ap.parse_args(argv).run_dir))
+    run_dir = ap.parse_args(argv).run_dir
+    print(write_seeds_report(run_dir) if (run_dir / "seeds.json").exists() else write_report(run_dir))
     return 0
 
 
