@@ -1,6 +1,9 @@
-"""A whole training run at toy scale: phantoms -> SimCLR -> kNN -> FUSC heads -> ONNX repository."""
+"""A whole training run at toy scale: phantoms -> SimCLR -> kNN -> FUSC heads -> ONNX repository; and one
+over a DICOM folder with two seeds, over-clustering and the HTML report."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -21,8 +24,11 @@ def phantom_dir(tmp_path_factory):
     return root
 
 
-def test_cli_train_writes_a_valid_repository(phantom_dir, tmp_path):
-    out, run_dir = tmp_path / "repo", tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(phantom_dir, tmp_path_factory):
+    """One smoke run shared by the tests below: (rc, model repository, run folder)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    out, run_dir = tmp / "repo", tmp / "run"
     rc = main(
         [
             "train",
@@ -37,12 +43,19 @@ def test_cli_train_writes_a_valid_repository(phantom_dir, tmp_path):
             "--run-dir",
             str(run_dir),
             "--cache-dir",
-            str(tmp_path / "cache"),
+            str(tmp / "cache"),
             "--name-clusters-from-labels",
             "--version",
             "9.9.9",
+            "--threads",
+            "1",
         ]
     )
+    return rc, out, run_dir
+
+
+def test_cli_train_writes_a_valid_repository(trained, phantom_dir):
+    rc, out, run_dir = trained
     assert rc == 0
     card = load_card(out, verify=True)
     assert card.version == "9.9.9"
@@ -61,6 +74,20 @@ def test_cli_train_writes_a_valid_repository(phantom_dir, tmp_path):
     assert "Held-out subjects (inductive)" in report and "kmeans_raw_pixels" in report
     for png in ("losses.png", "tsne_labels.png", "tsne_clusters.png", "gallery.png"):
         assert (run_dir / png).stat().st_size > 1000
+    # The HTML report says the same and shows the same images, by relative path.
+    page = (run_dir / "report.html").read_text()
+    assert "Supervised bound" in page and "<td>kmeans_raw_pixels</td>" in page
+    assert sorted(re.findall(r'<img src="([^"]+)"', page)) == [
+        "gallery.png",
+        "losses.png",
+        "tsne_clusters.png",
+        "tsne_labels.png",
+    ]
+    # Phantom views merge by region in the coarse table (paper Table 2).
+    assert "Merged coarse views" in report
+    assert all("coarse" in res for res in summary["quality"]["train_transductive"].values())
+    # Every stage left its checkpoint.
+    assert sorted(p.stem for p in (run_dir / "checkpoints").glob("*.pt")) == ["cluster", "selflabel", "ssl"]
 
     bb = ort.InferenceSession(str(card.backbone.path(out)))
     head = ort.InferenceSession(str(card.head.path(out)))
@@ -78,26 +105,76 @@ def test_cli_train_writes_a_valid_repository(phantom_dir, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
-def test_checksum_mismatch_is_refused(phantom_dir, tmp_path):
+def test_checksum_mismatch_is_refused(trained, tmp_path):
     out = tmp_path / "repo"
-    main(
-        [
-            "train",
-            "--preset",
-            "smoke",
-            "--data",
-            f"csv:{phantom_dir}",
-            "--out",
-            str(out),
-            "--run-dir",
-            str(tmp_path / "run"),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    shutil.copytree(trained[1], out)
     with open(load_card(out).head.path(out), "ab") as f:
         f.write(b"\0")
     from service.errors import ModelRepositoryError
 
     with pytest.raises(ModelRepositoryError, match="SHA-256"):
         load_card(out, verify=True)
+
+
+IDENTIFIERS = re.compile(rb"PHANTOM\^|PH\d{4}")
+
+
+def test_dicom_folder_two_seeds_overclustering_and_report(tmp_path):
+    """DICOM phantoms (patient ids PH0000...), with a truncated file and a text file among them."""
+    gen = generate_dataset(tmp_path / "gen", 40, seed=4, dicom=True, progress=False)
+    archive = tmp_path / "archive"
+    (gen / "dicom").rename(archive)
+    rows = (gen / "labels.csv").read_text().splitlines()
+    (archive / "labels.csv").write_text(
+        "filename,label\n"
+        + "\n".join(f"{r.split(',')[0][:-4]}.dcm,{r.split(',')[1]}" for r in rows[1:])
+        + "\n"
+    )
+    first = sorted(archive.glob("*.dcm"))[0].read_bytes()
+    (archive / "broken.dcm").write_bytes(first[: len(first) // 3])
+    (archive / "README.txt").write_text("exported from the archive")
+    out, run_dir, cache = tmp_path / "repo", tmp_path / "run", tmp_path / "cache"
+    argv = ["train", "--preset", "smoke", "--data", f"dicom:{archive}", "--test-fraction", "0.25"]
+    argv += ["--seeds", "0", "1", "--overcluster", "8", "--threads", "1"]
+    argv += ["--out", str(out), "--run-dir", str(run_dir), "--cache-dir", str(cache)]
+    assert main(argv) == 0
+
+    # Mean ± std of every metric over the two seeds, from the seeds' own summaries.
+    agg = json.loads((run_dir / "seeds.json").read_text())
+    assert agg["seeds"] == [0, 1] and set(agg["per_seed"]) == {"0", "1"}
+    per = [json.loads((run_dir / f"seed-{s}" / "summary.json").read_text())["quality"] for s in (0, 1)]
+    key = "heldout_inductive/archive/fusc/purity"
+    values = [q["heldout_inductive"]["archive"]["fusc"]["purity"] for q in per]
+    assert agg["quality"][key]["mean"] == pytest.approx(np.mean(values))
+    assert agg["quality"][key]["std"] == pytest.approx(np.std(values, ddof=1))
+    assert "heldout_inductive/archive/fusc_overcluster/nmi" in agg["quality"]
+    # Both seeds evaluate the same held-out subjects; --out holds seed 0's model, seed 1 has its own.
+    held = [np.load(run_dir / f"seed-{s}" / "outputs.npz")["held_out"] for s in (0, 1)]
+    np.testing.assert_array_equal(held[0], held[1])
+    assert load_card(out).provenance.seed == 0
+    assert load_card(run_dir / "seed-1" / "model_repository").provenance.seed == 1
+
+    # The undecodable file is skipped and counted by its error code; the text file is not an image.
+    assert per[0]["skipped_files"] == {"corrupt_image": 1}
+    seed_report = (run_dir / "seed-0" / "report.md").read_text()
+    assert "`corrupt_image` 1" in seed_report and "## Over-clustering (K = 8)" in seed_report
+    assert "Merged coarse views" in seed_report
+    assert per[0]["overcluster"]["k"] == 8
+    for name in ("report.md", "report.html"):
+        assert "0." in (run_dir / name).read_text() and "±" in (run_dir / name).read_text()
+    page = (run_dir / "seed-0" / "report.html").read_text()
+    for src in re.findall(r'<img src="([^"]+)"', page):
+        assert (run_dir / "seed-0" / src).stat().st_size > 1000
+
+    # No patient identifier anywhere the run wrote (subjects are keyed hashes).
+    subjects = np.load(run_dir / "seed-0" / "outputs.npz")["subjects"]
+    assert all(s.startswith("dcm-") for s in subjects) and len(set(subjects)) > 1
+    for folder in (run_dir, out, cache):
+        for f in folder.rglob("*"):
+            if f.is_file() and f.suffix in {".json", ".md", ".html", ".csv", ".txt", ".pbtxt", ".npz"}:
+                data = f.read_bytes()
+                if f.suffix == ".npz":
+                    arrays = np.load(f)
+                    data = b" ".join(arrays[k].tobytes() for k in arrays.files if arrays[k].dtype.kind == "U")
+                    data = data.decode("utf-32-le", "ignore").encode()
+                assert not IDENTIFIERS.search(data), f
