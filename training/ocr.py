@@ -186,10 +186,38 @@ def _lookup(words: Sequence[str]) -> dict[str, tuple[str, str]] | None:
     return None
 
 
+# How tesseract reads a small capital C with a stroke or tick mark across it (the depth scale's ticks
+# often touch the last glyph of a right-aligned line).
+_C_MISREAD = "GEe€©("  # 'e' only beside capitals and digits ("Ae"): "ae" is speckle read as a word
+_SHORT_PLANE_KEYS = {k for k in _INDEX if len(k) in (2, 3) and "plane" in _INDEX[k]}
+
+
+def _lone_short_name(line: str) -> str | None:
+    """The plane key a line of one short word stands for when one of its glyphs is a misread C ("AG",
+    "He" -> AC, HC). Only a word alone on its line: that is where a sonographer types the view."""
+    words = line.split()
+    if len(words) != 1:
+        return None
+    word = _EDGE_JUNK.sub("", words[0]) if words[0][-1:] not in _C_MISREAD else words[0].lstrip("|!~-—")
+    if not 2 <= len(word) <= 3 or any(_keys(word) & _SHORT_PLANE_KEYS):
+        return None
+    for i, ch in enumerate(word):
+        rest = word[:i] + word[i + 1 :]
+        if ch in _C_MISREAD and (ch != "e" or rest.isupper() or rest.isdigit()):
+            for key in _keys(word[:i] + "C" + word[i + 1 :]):
+                if key in _SHORT_PLANE_KEYS:
+                    return key
+    return None
+
+
 def view_scores(text: str) -> dict[str, float]:
     """Evidence per view from OCR text: plane names count 2, measurements 1 (see :class:`View`)."""
     scores: Counter[str] = Counter()
     for line in text.splitlines():
+        short = _lone_short_name(line)
+        if short is not None:
+            scores[_INDEX[short]["plane"][0]] += PLANE_WEIGHT
+            continue
         tokens: list[str] = []
         numeric_after: list[bool] = []
         for raw in re.split(r"[\s/\-_]+", line):
@@ -255,10 +283,16 @@ class LineConfig:
     extend: float = 1.5  # the crop reaches this many glyph heights beyond the detected ink
     pad: int = 2
     max_lines: int = 40
+    drop_bars: bool = False  # vertical bars through a line (the depth scale) are taken out of the crop
 
 
 def _text_crop(
-    frame: np.ndarray, ink: np.ndarray, box: tuple[int, int, int, int], glyph_h: float, cfg: LineConfig
+    frame: np.ndarray,
+    ink: np.ndarray,
+    box: tuple[int, int, int, int],
+    glyph_h: float,
+    cfg: LineConfig,
+    blank: np.ndarray | None = None,
 ) -> np.ndarray:
     """Dark text on white, enlarged to ``target_height``.
 
@@ -275,9 +309,23 @@ def _text_crop(
     grown = cv2.dilate(patch_ink, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * cfg.keep_px + 1,) * 2))
     keep = (grown > 0) | (patch >= cfg.same_level * level)
     crop = np.where(keep, 255 - patch, 255).astype(np.uint8)
+    if blank is not None and blank[y0:y1, x0:x1].any():
+        # A pixel of a vertical bar is ink only where both its left and right neighbours are (a glyph's
+        # horizontal stroke crossing the bar), otherwise paper.
+        bar = blank[y0:y1, x0:x1] > 0
+        padded = np.pad(np.where(bar, 255, crop), ((0, 0), (1, 1)), constant_values=255)
+        crop = np.where(bar, np.maximum(padded[:, :-2], padded[:, 2:]), crop).astype(np.uint8)
     scale = cfg.target_height / max(1, y1 - y0)
     crop = cv2.resize(crop, None, fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
     return crop
+
+
+def straight_runs(ink: np.ndarray, glyph_h: float) -> np.ndarray:
+    """Pixels of vertical runs of 2 and horizontal runs of 3 glyph heights or more in a uint8 0/1 mask."""
+    g = max(2, round(glyph_h))
+    runs = cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * g)))
+    runs |= cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (3 * g, 1)))
+    return runs
 
 
 def line_boxes(
@@ -299,10 +347,7 @@ def line_boxes(
     # Long straight runs (the depth scale, box edges, solid caliper lines) would join the text beside them
     # into one tall group: take out their pixels, leaving any glyph that touches them; then whatever is
     # still taller than a line (the body-mark pictogram).
-    g = max(2, round(glyph_h))
-    runs = cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, 2 * g)))
-    runs |= cv2.morphologyEx(ink, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (3 * g, 1)))
-    ink &= 1 - runs
+    ink &= 1 - straight_runs(ink, glyph_h)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(ink, connectivity=8)
     tall = np.flatnonzero(stats[1:, cv2.CC_STAT_HEIGHT] > cfg.max_height * glyph_h) + 1
     if tall.size:
@@ -340,12 +385,17 @@ def text_lines(
     ink = overlay_mask(frame, clean_cfg.model_copy(update={"overlay_dilate_px": 0}))
     if not ink.any():
         return []
+    all_ink = ink.view(np.uint8)
     boxes, glyph_h, ink = line_boxes(ink, cfg)
+    # The depth scale often runs through the first or last glyph of a line ("HC" + a vertical bar reads
+    # "Hp", "Ht"); with ``drop_bars`` its pixels are taken out of the crop, at the cost of the glyph's stroke
+    # where the two coincide (hence only in a retry).
+    runs = straight_runs(all_ink, glyph_h) if cfg.drop_bars else None
     crops = []
     for x, y, w, h in boxes:
         line_ink = frame[y : y + h, x : x + w][ink[y : y + h, x : x + w] > 0]
         if line_ink.size and np.percentile(line_ink, 75) >= cfg.min_level:
-            crops.append(_text_crop(frame, ink, (x, y, w, h), glyph_h, cfg))
+            crops.append(_text_crop(frame, ink, (x, y, w, h), glyph_h, cfg, runs))
     return crops[: cfg.max_lines]
 
 
@@ -369,7 +419,13 @@ class TesseractReader:
     one tesseract process per page, and words are handed back to the crop they sit in."""
 
     def __init__(
-        self, lang: str = "eng", page_lines: int = 64, gap: int = 24, psm: int = 6, workers: int | None = None
+        self,
+        lang: str = "eng",
+        page_lines: int = 64,
+        gap: int = 24,
+        psm: int = 6,
+        workers: int | None = None,
+        charset: str | None = None,
     ) -> None:
         if shutil.which("tesseract") is None:
             raise OcrUnavailableError(
@@ -378,10 +434,15 @@ class TesseractReader:
         if importlib.util.find_spec("pytesseract") is None:
             raise OcrUnavailableError("pytesseract is not installed: pip install pytesseract")
         self.lang, self.page_lines, self.gap, self.psm = lang, page_lines, gap, psm
+        self.charset = charset
         self.workers = workers or min(4, os.cpu_count() or 1)
         # One thread per tesseract process: pages already run side by side, and OpenMP threads inside a
         # process only fight over the same cores on pages this small.
         os.environ.setdefault("OMP_THREAD_LIMIT", "1")
+
+    def restricted(self, charset: str) -> TesseractReader:
+        """The same reader, allowed only the characters of ``charset`` (tesseract's whitelist)."""
+        return TesseractReader(self.lang, self.page_lines, self.gap, self.psm, self.workers, charset)
 
     def read(self, crops: Sequence[np.ndarray]) -> list[str]:
         pages = [crops[i : i + self.page_lines] for i in range(0, len(crops), self.page_lines)]
@@ -407,8 +468,11 @@ class TesseractReader:
             page[y : y + c.shape[0], margin : margin + c.shape[1]] = c
             spans.append((y, y + c.shape[0]))
             y += c.shape[0] + self.gap
+        config = f"--psm {self.psm}"
+        if self.charset:
+            config += f" -c tessedit_char_whitelist={self.charset}"
         data = pytesseract.image_to_data(
-            page, lang=self.lang, config=f"--psm {self.psm}", output_type=pytesseract.Output.DICT
+            page, lang=self.lang, config=config, output_type=pytesseract.Output.DICT
         )
         words: list[list[tuple[int, str]]] = [[] for _ in crops]
         starts = np.array([s for s, _ in spans])
@@ -465,25 +529,46 @@ def default_reader() -> Reader:
     return TesseractReader()
 
 
-# A second reading, at another size, of the frames the first one found no view on: tesseract's errors on
-# small fonts change with the scale, so the two readings fail on different frames.
-RETRY_LINES = LineConfig(target_height=28)
+@dataclass(frozen=True)
+class Retry:
+    """A further reading of the frames no earlier reading found a view on: lines cut with ``lines``, read
+    with only the characters of ``charset`` when it is given (and the reader can be restricted)."""
+
+    lines: LineConfig
+    charset: str | None = None
+
+
+# Upper-case letters, digits and the punctuation of readings: view names on screen are capitals, and
+# without lower case and symbols a 'C' with a tick mark through it can no longer come back as 'e' or '€'.
+CAPITALS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789./-"
+# Tesseract's errors on small fonts change with the scale and the character set, so each reading fails on
+# different frames: first at another size, then capitals only, the depth scale taken out of the crops and
+# the crop reaching further along the line (glyphs over bright anatomy that escaped the overlay mask).
+RETRIES: tuple[Retry, ...] = (
+    Retry(LineConfig(target_height=28)),
+    Retry(LineConfig(target_height=32, extend=3.0, drop_bars=True), CAPITALS),
+)
+RETRY_LINES = RETRIES[0].lines
 
 
 def pseudo_label_many(
     frames: Iterable[np.ndarray],
     reader: Reader | None = None,
     clean_cfg: CleanConfig | None = None,
-    retry: LineConfig | None = RETRY_LINES,
+    retries: Sequence[Retry] = RETRIES,
 ) -> list[tuple[str | None, str]]:
     """(view or None, raw text) per frame; the lines of all frames are read together (few OCR calls)."""
     reader = reader or default_reader()
     frames = list(frames)
     raws = _read_frames(frames, reader, clean_cfg, None)
     views = [view_from_text(raw) for raw in raws]
-    missing = [i for i, v in enumerate(views) if v is None]
-    if retry is not None and missing:
-        again = _read_frames([frames[i] for i in missing], reader, clean_cfg, retry)
+    for retry in retries:
+        missing = [i for i, v in enumerate(views) if v is None]
+        if not missing:
+            break
+        restrict = getattr(reader, "restricted", None)
+        again_reader = restrict(retry.charset) if retry.charset and restrict else reader
+        again = _read_frames([frames[i] for i in missing], again_reader, clean_cfg, retry.lines)
         for i, raw in zip(missing, again, strict=True):
             raws[i] = f"{raws[i]}\n{raw}" if raws[i] else raw
             views[i] = view_from_text(raws[i])

@@ -185,11 +185,20 @@ def test_no_drawn_word_is_readable_after_cleaning(rates) -> None:
     assert rates.drawn_after <= 0.05, f"a drawn word is still read in {rates.drawn_after:.1%} ({rates})"
 
 
-# Measured (60 phantoms, seed 22): any 3+-letter word in 23-25% of cleaned images, 2-10% of the phantoms
-# before text was drawn. None is a drawn word: they are readings of the Telea fill where a glyph's
-# anti-aliased rim or a missed stroke lay outside the 2-px-grown mask and was smeared into the hole
-# (overlay_dilate_px=3 brings it to 10%).
-@pytest.mark.xfail(strict=True, reason="tesseract reads some 3+-letter word in ~25% of cleaned phantoms")
+def test_what_ocr_reads_after_cleaning_is_at_the_speckle_floor(rates) -> None:
+    """Tesseract reads speckle as short words ("eee", "ail") even in phantoms that never had text: the
+    cleaned images are read no more often than those, give or take a few images."""
+    assert rates.any_after <= rates.any_truth + 0.05, rates
+
+
+# Measured on 120 phantoms each (all with text), some 3+-letter string read after cleaning / in the
+# phantom before text was drawn: seed 22 (tuned on) 5.0 % / 4.2 %; held out: seed 25 5.0 % / 1.7 %,
+# seed 26 6.7 % / 4.2 %, seed 27 5.8 % / 4.2 % (pooled 5.8 % / 3.3 %); 60 phantoms, seed 22: 8.3 % / 10 %.
+# Before the fan was searched with the overlays blanked, 28 %: text beside the fan stretched its hull
+# over the margin and was smeared there. What is read now is tesseract's reading of speckle and of the
+# smooth fill where a caliper mark on bright tissue was missed, never a drawn word; 5 % is within the
+# spread of the speckle floor itself, so the literal target holds on some seeds and not on others.
+@pytest.mark.xfail(strict=True, reason="5-8 % of cleaned phantoms, at a speckle floor of 2-10 %")
 def test_no_word_at_all_is_readable_after_cleaning(rates) -> None:
     assert rates.any_after <= 0.05, rates
 
@@ -201,3 +210,4 @@ def test_overlay_mask_and_ocr_on_many_phantoms() -> None:
     assert s.recall >= 0.95, s
     r = ocr_rates(300, seed=24)
     assert r.drawn_before >= 0.9 and r.drawn_after <= 0.05, r
+    assert r.any_after <= r.any_truth + 0.05, r

@@ -49,6 +49,10 @@ needs_tesseract = pytest.mark.skipif(
         ("BPD 5.1cm", "brain"),
         ("TT\nBPD 5.1cm\nHC 18.2cm", "brain_tt"),  # a named sub-plane takes the generic evidence
         ("AC", "abdomen"),
+        ("AG", "abdomen"),  # alone on its line, a C crossed by a tick mark misread
+        ("He", "brain"),
+        ("ae", None),  # lower case all through: speckle read as a word, not a misread "AC"
+        ("AG 12.1cm", None),  # not alone on its line
         ("APD 7.87cm\nTAD 8.58cm", "abdomen"),
         ("FL", "femur"),
         ("F L 65.7mm", "femur"),  # a space the OCR put inside a word
@@ -148,6 +152,22 @@ def test_text_lines_finds_the_lines_and_skips_markers() -> None:
         assert crop.min() < 80 and np.median(crop) > 200  # dark text on white paper
 
 
+def test_a_bar_through_a_line_is_taken_out_of_the_crop_on_request() -> None:
+    frame = np.zeros((240, 320), np.uint8)
+    cv2.ellipse(frame, (160, 0), (220, 220), 0, 45, 135, 90, -1)
+    cv2.putText(frame, "KIDNEYS", (200, 200), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 230, 1, cv2.LINE_8)
+    cv2.line(frame, (204, 20), (204, 230), 230, 1)  # a depth scale through the K's upright
+
+    def full_height_columns(crop: np.ndarray) -> int:
+        return int(((crop < 128).mean(axis=0) > 0.9).sum())
+
+    (kept,) = ocr.text_lines(frame)
+    (dropped,) = ocr.text_lines(frame, cfg=ocr.LineConfig(drop_bars=True))
+    assert full_height_columns(kept) >= 1  # the bar crosses the whole crop
+    assert full_height_columns(dropped) == 0
+    assert (dropped < 128).sum() >= 0.6 * (kept < 128).sum()  # the letters themselves stay
+
+
 # ------------------------------------------------------------------------------------- tesseract
 def _accuracy(n: int, seed: int) -> float:
     phantoms = list(iter_phantoms(n, seed, text_names_view=True))
@@ -166,15 +186,16 @@ def test_pseudo_label_reads_a_clear_line() -> None:
 
 @needs_tesseract
 def test_pseudo_labels_on_phantoms_that_name_their_view() -> None:
-    # Measured 0.90 (seed 0, 60 images); 0.93-0.96 on other seeds of 120. The 7-px font of the phantoms
-    # drawn over bright anatomy or through the depth scale is what is missed; see docs/cleaning.md.
-    assert _accuracy(60, seed=0) >= 0.85
+    # Measured 0.975 on this seed (120 images, ~25 s), held out while the reading was tuned on seeds 0 and
+    # 7 (0.958, 0.950); 0.958 on seed 12. What is still missed: a view name lying on bright tissue or
+    # across the fan's edge where the overlay mask loses most of its glyphs; see docs/cleaning.md.
+    assert _accuracy(120, seed=11) >= 0.95
 
 
 @needs_tesseract
 @pytest.mark.slow
 def test_pseudo_labels_on_many_phantoms() -> None:
-    assert _accuracy(400, seed=5) >= 0.88
+    assert _accuracy(400, seed=5) >= 0.93
 
 
 @needs_tesseract
