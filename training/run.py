@@ -303,6 +303,9 @@ def run(
     """
     if stop_after is not None and stop_after not in STAGES:
         raise ValueError(f"unknown stage {stop_after!r}; choose from {', '.join(STAGES)}")
+    skipped = {"selflabel": cfg.selflabel.epochs <= 0, "overcluster": cfg.cluster.overcluster <= 0}
+    if skipped.get(stop_after or ""):
+        raise ValueError(f"this configuration has no {stop_after} stage to stop after")
     if not cfg.seeds:
         return run_single(cfg, out, run_dir, command, resume=resume, stop_after=stop_after, report=report)
     run_dir = Path(run_dir)

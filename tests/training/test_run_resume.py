@@ -87,6 +87,15 @@ def test_resume_refuses_another_configuration(phantom_dir, tmp_path):
         run(other, tmp_path / "repo", run_dir, resume=True, report=False)
 
 
+def test_stop_after_names_a_stage_of_the_run(phantom_dir, tmp_path):
+    cfg = _cfg(phantom_dir, tmp_path / "cache")
+    with pytest.raises(ValueError, match="unknown stage"):
+        run(cfg, tmp_path / "repo", tmp_path / "run", stop_after="export")
+    no_over = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"overcluster": 0})})
+    with pytest.raises(ValueError, match="no overcluster stage"):
+        run(no_over, tmp_path / "repo", tmp_path / "run", stop_after="overcluster")
+
+
 def test_config_differences_lists_nested_leaves():
     old = {"seed": 0, "threads": 1, "ssl": {"epochs": 1, "lr": 0.1}}
     new = {"seed": 1, "threads": 4, "ssl": {"epochs": 1, "lr": 0.2}, "extra": True}
