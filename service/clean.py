@@ -59,6 +59,14 @@ class CleanConfig(BaseModel):
         6, ge=0, description="... unless a kept overlay stands this close beside it (a glyph of its line)"
     )
 
+    # Colour overlays (colour Doppler, coloured text, markers and boxes), found from the chroma that
+    # decode_image measures before the gray conversion; gray frames have none.
+    colour_min_chroma: int = Field(
+        40, ge=1, le=255, description="max(R,G,B) - min(R,G,B) from which a pixel is a colour overlay"
+    )
+    colour_min_area: int = Field(3, ge=1, description="smaller groups of coloured px are noise (e.g. JPEG)")
+    colour_dilate_px: int = Field(2, ge=0, description="colour mask grown by this much (chroma bleeds)")
+
     # Fan: the convex hull of the largest region of echo after blurring, thresholding and opening.
     fan_level: int = Field(2, ge=0, le=255, description="blurred gray level above which a pixel is echo")
     fan_min_fraction: float = Field(0.1, ge=0, le=1, description="a smaller largest region -> whole frame")
@@ -180,6 +188,42 @@ def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarra
     return mask.astype(bool)
 
 
+def colour_mask(chroma: np.ndarray | None, cfg: CleanConfig | None = None) -> np.ndarray | None:
+    """Colour overlays from a chroma map (``ColourFrame.chroma``: max - min of R, G, B): bool HxW, dilated,
+    or None without a chroma map.
+
+    Echo is gray on every scanner; what carries colour is drawn on it: the colour-Doppler box and its
+    flow map, coloured measurement text, markers and traces. Their gray level after the luma conversion is
+    anywhere between black and white, so nothing in the gray frame tells them from tissue; their chroma
+    does. Groups smaller than ``colour_min_area`` px are dropped (chroma noise of lossy compression along
+    sharp edges).
+    """
+    if chroma is None:
+        return None
+    cfg = cfg or CleanConfig()
+    coloured = (np.asarray(chroma) >= cfg.colour_min_chroma).view(np.uint8)
+    if not coloured.any():
+        return np.zeros(coloured.shape, bool)
+    if cfg.colour_min_area > 1:
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(coloured, connectivity=8)
+        big = stats[:, cv2.CC_STAT_AREA] >= cfg.colour_min_area
+        big[0] = False
+        coloured = big[labels].view(np.uint8)
+    if cfg.colour_dilate_px > 0:
+        coloured = cv2.dilate(coloured, _rect(2 * cfg.colour_dilate_px + 1))
+    return coloured.astype(bool)
+
+
+def _large_areas(mask: np.ndarray, cfg: CleanConfig) -> np.ndarray:
+    """Components of ``mask`` that are neither small nor line-thin (the overlay test's shape rule)."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
+    area = stats[:, cv2.CC_STAT_AREA]
+    length = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT])
+    large = (area > cfg.overlay_small_area) & (area > cfg.overlay_line_px * length)
+    large[0] = False
+    return large[labels]
+
+
 def black_box_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
     """Flat black areas that hold a ``black_box_px`` square: anonymisation boxes and the empty margins.
 
@@ -207,6 +251,11 @@ def fan_mask(
     echo_src = frame if overlays is None else np.where(overlays, np.uint8(0), frame)
     blur = cv2.blur(echo_src, (5, 5))
     echo = (blur > cfg.fan_level).astype(np.uint8)
+    if overlays is not None:
+        # A caliper line blanked across the fan must not cut it in two: blanked pixels that a closing of
+        # the echo covers (holes and channels a few px wide inside it) are echo again.
+        closed = cv2.morphologyEx(echo, cv2.MORPH_CLOSE, _rect(max(9, side // 30 | 1)))
+        echo |= closed & overlays.view(np.uint8)
     # Opening detaches thin things that touch the fan (text, the gray-scale bar) so they do not join it.
     k_open = max(3, side // 100 | 1)
     echo = cv2.morphologyEx(echo, cv2.MORPH_OPEN, _rect(k_open))
@@ -272,23 +321,42 @@ def _fit(shape: tuple[int, int], side: int) -> tuple[int, int]:
 
 
 def remove_overlays(
-    frame: np.ndarray, cfg: CleanConfig | None = None, *, full_resolution: bool = False
+    frame: np.ndarray,
+    cfg: CleanConfig | None = None,
+    *,
+    full_resolution: bool = False,
+    chroma: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 1-4 of :func:`clean_frame`: (frame with overlays inpainted and black outside the fan, fan).
 
     At ``work_size`` (what :func:`clean_frame` uses), or at the frame's own resolution with
-    ``full_resolution`` (for looking at, and for OCR checks of what cleaning leaves).
+    ``full_resolution`` (for looking at, and for OCR checks of what cleaning leaves). ``chroma`` defaults
+    to the frame's own (a :class:`service.decode.ColourFrame` from a colour file).
     """
     cfg = cfg or CleanConfig()
+    if chroma is None:
+        chroma = getattr(frame, "chroma", None)
     frame = _as_gray8(frame)
-    frame = _resize(frame, *_fit(frame.shape, cfg.mask_max_side))
+    if chroma is not None and np.shape(chroma) != frame.shape:
+        raise ValueError("the chroma map must have the frame's shape")
+    size = _fit(frame.shape, cfg.mask_max_side)
+    frame = _resize(frame, *size)
     overlays = overlay_mask(frame, cfg)
+    not_echo = overlays.copy()  # what the fan search leaves out
+    colour = colour_mask(chroma, cfg)
+    if colour is not None:
+        if colour.shape != frame.shape:
+            colour = _resize(colour.view(np.uint8) * 255, *size) > 0
+        overlays |= colour
+        # A colour-Doppler map lies on the image, often at its edge: it counts as fan. Coloured text,
+        # markers and box outlines (small or line-thin) are left out of the search like gray overlays.
+        not_echo |= colour & ~_large_areas(colour, cfg)
 
     ww, wh = _fit(frame.shape, max(cfg.work_size, cfg.size))  # never work below the output size
     work = _resize(frame, ww, wh)
     # Area-shrinking the mask and keeping any coverage keeps every partly covered work pixel masked.
     work_overlays = _resize(overlays.astype(np.uint8) * 255, ww, wh) > 0
-    fan = fan_mask(work, cfg, work_overlays)
+    fan = fan_mask(work, cfg, _resize(not_echo.astype(np.uint8) * 255, ww, wh) > 0)
     # A bright echo against the black margin also shows a pixel-sharp step; the fan's outer rim is
     # therefore left alone (inpainting it would only pull black inwards).
     inner = cv2.erode(fan.view(np.uint8), _rect(3)).view(bool)
@@ -303,7 +371,10 @@ def remove_overlays(
 
 
 def clean_frame(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:
-    """Gray frame -> cleaned uint8 (size, size): overlays inpainted, fan cropped, padded square, resized."""
+    """Gray frame -> cleaned uint8 (size, size): overlays inpainted, fan cropped, padded square, resized.
+
+    A :class:`service.decode.ColourFrame` brings its chroma map: its colour overlays are inpainted too.
+    """
     cfg = cfg or CleanConfig()
     work, fan = remove_overlays(frame, cfg)
     ys, xs = np.nonzero(fan)

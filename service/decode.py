@@ -10,6 +10,11 @@ Policies, stated once:
 * colour -> gray with the ITU-R BT.601 luma weights (0.299 R + 0.587 G + 0.114 B, OpenCV's own); alpha is
   ignored, as scanner screenshots with alpha are opaque. DICOM YCbCr data (YBR_FULL, YBR_FULL_422, and
   JPEG baseline's own YCbCr) gives its Y channel, which *is* that luma, with no round trip through RGB;
+* colour kept as chroma: a frame decoded from colour data in which some pixel is coloured comes back as a
+  :class:`ColourFrame`, the same gray frame carrying ``chroma`` = max(R, G, B) - min(R, G, B) per pixel
+  (uint8 HxW), measured before the gray conversion, so that :mod:`service.clean` can find colour overlays
+  (colour Doppler, coloured text and markers) that luma alone cannot tell from echo. Gray inputs, and
+  colour files whose pixels are all gray, give a plain ``np.ndarray`` exactly as before;
 * 16-bit PNG/TIFF -> 8 bit by ``round(v / 257)``, i.e. the full 16-bit range maps onto 0..255;
 * DICOM: the modality rescale (slope/intercept) is applied, then the first VOI window if the file has one;
   without a window, data with at most 8 stored bits is kept as it is and deeper data is stretched from its
@@ -213,6 +218,34 @@ def _check_size(width: int, height: int, frames: int, max_pixels: int, min_side:
 
 
 # ----------------------------------------------------------------------------------- pixel conversion
+class ColourFrame(np.ndarray):
+    """A uint8 HxW gray frame decoded from colour data, with ``chroma`` (uint8 HxW: max - min of the
+    pixel's R, G, B) beside it. It is an ``np.ndarray`` in every other respect; arrays derived from it
+    (slices, copies, arithmetic) are plain frames with ``chroma = None``, so a chroma map never
+    outlives the frame it was measured on."""
+
+    chroma: np.ndarray | None
+
+    def __array_finalize__(self, obj) -> None:
+        self.chroma = None
+
+
+def _with_chroma(gray: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """``gray`` as a :class:`ColourFrame` when some pixel of ``colour`` (HxWx3, uint8, any channel order)
+    is coloured, else as it is."""
+    chroma = cv2.subtract(colour.max(axis=2), colour.min(axis=2))
+    if not chroma.any():
+        return gray
+    out = gray.view(ColourFrame)
+    out.chroma = np.ascontiguousarray(chroma)
+    return out
+
+
+def _ybr_to_rgb(ybr: np.ndarray) -> np.ndarray:
+    """Full-range YCbCr (BT.601, as DICOM YBR_FULL and JPEG store it) -> RGB uint8."""
+    return cv2.cvtColor(np.ascontiguousarray(ybr[:, :, [0, 2, 1]]), cv2.COLOR_YCrCb2RGB)
+
+
 def _to_gray8(img: np.ndarray, *, rgb: bool) -> np.ndarray:
     """Any decoded array (HxW or HxWxC; uint8/uint16/other) -> uint8 HxW, C-contiguous."""
     if img.dtype == np.uint16:
@@ -225,7 +258,8 @@ def _to_gray8(img: np.ndarray, *, rgb: bool) -> np.ndarray:
             img = img[:, :, 0]
         elif channels in (3, 4):
             code = cv2.COLOR_RGB2GRAY if rgb else cv2.COLOR_BGR2GRAY
-            img = cv2.cvtColor(np.ascontiguousarray(img[:, :, :3]), code)
+            colour = np.ascontiguousarray(img[:, :, :3])
+            return _with_chroma(np.ascontiguousarray(cv2.cvtColor(colour, code)), colour)
         else:
             raise UnsupportedFormatError(f"Images with {channels} channels are not supported.")
     elif img.ndim != 2:
@@ -486,7 +520,10 @@ def _dicom_frame_to_gray8(ds, arr: np.ndarray, photometric: str) -> np.ndarray:
         return _to_gray8(apply_color_lut(arr, ds), rgb=True)
     if arr.ndim == 3:
         if photometric in ("YBR_FULL", "YBR_FULL_422", "YBR_ICT"):  # their Y is the BT.601 luma
-            return _to_gray8(arr[:, :, 0], rgb=True)
+            gray = _to_gray8(arr[:, :, 0], rgb=True)
+            if arr.dtype == np.uint8:
+                return _with_chroma(gray, _ybr_to_rgb(arr))
+            return gray
         return _to_gray8(arr, rgb=True)  # RGB; 16-bit colour is rare and _to_gray8 handles it
 
     x = arr.astype(np.float64)
