@@ -6,10 +6,11 @@ what the model saw in training is exactly what it sees in service.
 Steps of :func:`clean_frame`:
 
 1. find burnt-in overlays (text, calipers, cursor and scale marks) at full resolution, where a one-pixel
-   stroke is still sharp (:func:`overlay_mask`);
+   stroke is still sharp (:func:`overlay_mask`), and colour overlays from the chroma map that a colour
+   file brings (:func:`colour_mask`);
 2. shrink frame and mask to ``work_size``, where the fan search and the inpainting are ~2x cheaper;
-3. find the ultrasound fan (:func:`fan_mask`); everything outside it (margins, side text, gray-scale bar,
-   black anonymisation boxes) becomes black;
+3. find the ultrasound fan with the overlays blanked (:func:`fan_mask`); everything outside it (margins,
+   side text, gray-scale bar, black anonymisation boxes) becomes black;
 4. inpaint the overlays inside the fan (:func:`inpaint`);
 5. crop to the fan's bounding box, pad to a square with black, resize to ``size``.
 """
@@ -123,15 +124,39 @@ def _on_fan_rim(frame: np.ndarray, labels: np.ndarray, n: int, cfg: CleanConfig)
 def _components(cand: np.ndarray, run: int) -> tuple[int, np.ndarray]:
     """Connected components of ``cand`` (uint8 0/1), with straight horizontal and vertical runs of ``run``
     px and more (a depth scale, a box edge) labelled apart from what touches them, so that glyphs written
-    against the depth scale are judged as glyphs and the scale as a line."""
-    runs = cv2.morphologyEx(cand, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (1, run)))
-    runs |= cv2.morphologyEx(cand, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_RECT, (run, 1)))
-    if not runs.any():
-        return cv2.connectedComponents(cand, connectivity=8)
-    n, labels = cv2.connectedComponents(cand & (1 - runs), connectivity=8)
-    n_runs, run_labels = cv2.connectedComponents(runs, connectivity=8)
-    labels[runs > 0] = run_labels[runs > 0] + (n - 1)
-    return n + n_runs - 1, labels
+    against the depth scale are judged as glyphs and the scale as a line. Only components at least ``run``
+    px long can hold such a run; only their boxes are searched."""
+    n, labels = cv2.connectedComponents(cand, connectivity=8)
+    points = cv2.findNonZero(cand).reshape(-1, 2)
+    xs, ys, own = points[:, 0], points[:, 1], labels[points[:, 1], points[:, 0]]
+    stats = np.zeros((n, 4), np.int64)  # x, y, width, height
+    for col, coord in ((0, xs), (1, ys)):
+        lo = np.full(n, np.iinfo(np.int64).max)
+        hi = np.full(n, -1)
+        np.minimum.at(lo, own, coord)
+        np.maximum.at(hi, own, coord)
+        stats[:, col], stats[:, col + 2] = lo, np.maximum(hi - lo + 1, 0)
+    long_ = np.flatnonzero(np.maximum(stats[1:, 2], stats[1:, 3]) >= run) + 1
+    v_line = cv2.getStructuringElement(cv2.MORPH_RECT, (1, run))
+    h_line = cv2.getStructuringElement(cv2.MORPH_RECT, (run, 1))
+    for i in long_:
+        x, y, w, h = stats[i, :4]
+        box = labels[y : y + h, x : x + w]
+        part = (box == i).view(np.uint8)
+        runs = cv2.morphologyEx(part, cv2.MORPH_OPEN, v_line) | cv2.morphologyEx(part, cv2.MORPH_OPEN, h_line)
+        if not runs.any():
+            continue
+        rest = part & (1 - runs)
+        k, rest_labels = cv2.connectedComponents(rest, connectivity=8)
+        k_runs, run_labels = cv2.connectedComponents(runs, connectivity=8)
+        # The component keeps its label for its first remaining piece; the others get new ones.
+        new = np.zeros_like(box)
+        new[rest > 0] = np.where(rest_labels[rest > 0] == 1, i, rest_labels[rest > 0] - 2 + n)
+        n += max(0, k - 2)
+        new[runs > 0] = run_labels[runs > 0] - 1 + n
+        n += k_runs - 1
+        box[part > 0] = new[part > 0]
+    return n, labels
 
 
 def overlay_mask(frame: np.ndarray, cfg: CleanConfig | None = None) -> np.ndarray:

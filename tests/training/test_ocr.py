@@ -195,7 +195,7 @@ def test_pseudo_labels_on_phantoms_that_name_their_view() -> None:
 @needs_tesseract
 @pytest.mark.slow
 def test_pseudo_labels_on_many_phantoms() -> None:
-    assert _accuracy(400, seed=5) >= 0.93
+    assert _accuracy(400, seed=5) >= 0.95  # measured 0.963
 
 
 @needs_tesseract
