@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from training.augment import WEAK, augment
 from training.config import ClusterConfig
 from training.losses import fusc_loss
 from training.models import ClusterHeads, embed
+from training.ssl import checkpoint_due, rng_state, set_rng_state, snapshot
 
 
 def train_cluster_heads(
@@ -23,11 +26,20 @@ def train_cluster_heads(
     backbone: nn.Module | None = None,
     frames: torch.Tensor | None = None,
     clean: CleanConfig | None = None,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume_state: dict | None = None,
+    checkpoint_every: int = 1,
 ) -> tuple[nn.Linear, dict]:
     """Train ``cfg.num_heads`` heads with the FUSC loss and return the one with the lowest final loss.
 
     Head-only (default): the heads read the fixed embeddings, which makes the step take seconds on a CPU.
     With ``cfg.update_backbone`` the backbone is fine-tuned too, on weakly augmented frames.
+
+    ``on_epoch(state)``: called after every ``checkpoint_every``-th epoch (0: never) with a CPU snapshot of
+    the heads, the fine-tuned backbone (else None), the optimiser, the data-order generator, the global
+    random state, ``epoch`` (finished epochs), ``step`` and ``history``. ``resume_state``: such a snapshot;
+    training goes on with the next epoch and ends exactly as a run that never stopped.
     """
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +56,19 @@ def train_cluster_heads(
     batch = min(cfg.batch_size, n)
     steps = max(1, n // batch)
     history: list[list[float]] = []
-    for _epoch in tqdm(range(cfg.epochs), desc="fusc cluster step", unit="epoch"):
+    start = 0
+    if resume_state is not None:
+        heads.load_state_dict(resume_state["heads"])
+        if finetune:
+            backbone.load_state_dict(resume_state["backbone"])
+        opt.load_state_dict(resume_state["optimizer"])
+        g.set_state(resume_state["generator"])
+        set_rng_state(resume_state["rng"], device)
+        start, history = resume_state["epoch"], [list(h) for h in resume_state["history"]]
+    bar = tqdm(
+        range(start, cfg.epochs), desc="fusc cluster step", unit="epoch", initial=start, total=cfg.epochs
+    )
+    for epoch in bar:
         perm = torch.randperm(n, generator=g)
         sums = torch.zeros(cfg.num_heads)
         for i in range(steps):
@@ -64,6 +88,21 @@ def train_cluster_heads(
             opt.step()
             sums += torch.tensor([loss.item() for loss in losses])
         history.append((sums / steps).tolist())
+        if on_epoch is not None and checkpoint_due(epoch + 1, checkpoint_every):
+            on_epoch(
+                snapshot(
+                    {
+                        "epoch": epoch + 1,
+                        "step": (epoch + 1) * steps,
+                        "history": history,
+                        "heads": heads.state_dict(),
+                        "backbone": backbone.state_dict() if finetune else None,
+                        "optimizer": opt.state_dict(),
+                        "generator": g.get_state(),
+                        "rng": rng_state(device),
+                    }
+                )
+            )
     final = torch.tensor(history[-1])
     best = int(final.argmin())
     if finetune:

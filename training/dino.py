@@ -4,7 +4,7 @@ A student (backbone + DINO head) sees 2 global and several local crops of each f
 from every view, the teacher's centred and sharpened distribution over prototypes for each OTHER global
 view. The teacher is an exponential moving average of the student and gets no gradient. DINO keeps the
 teacher, so ``DINO.backbone`` IS the teacher's backbone: that is what ``train_ssl`` returns; the student
-trains in ``DINO.student``.
+trains in ``DINO.student``. ``DINO.state_dict()`` holds all of it (student, teacher, centre, step count).
 """
 
 from __future__ import annotations
@@ -149,6 +149,14 @@ class DINO(SSLMethod):
         )
         self.center.copy_(update_center(self.center, teacher_out, self.cfg.center_momentum))
         return loss
+
+    def get_extra_state(self) -> dict:
+        # In state_dict() beside the weights and the centre: the schedules read the step count, so a run
+        # resumed from a checkpoint needs it back.
+        return {"step": self.step, "steps_per_epoch": self.steps_per_epoch}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step, self.steps_per_epoch = state["step"], state["steps_per_epoch"]
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

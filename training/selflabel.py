@@ -3,6 +3,8 @@ augmented views, with classes re-weighted so that large clusters do not swallow 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,7 @@ from service.clean import CleanConfig
 from training.augment import STRONG, augment, plain
 from training.config import SelfLabelConfig
 from training.models import embed
+from training.ssl import checkpoint_due, rng_state, set_rng_state, snapshot
 
 
 def balanced_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -31,8 +34,19 @@ def self_label(
     clean: CleanConfig,
     device: torch.device,
     seed: int = 0,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume_state: dict | None = None,
+    checkpoint_every: int = 1,
 ) -> dict:
-    """Fine-tune ``head`` (and the backbone with ``cfg.update_backbone``) in place; returns a history."""
+    """Fine-tune ``head`` (and the backbone with ``cfg.update_backbone``) in place; returns a history.
+
+    ``on_epoch(state)``: called after every ``checkpoint_every``-th epoch (0: never) with a CPU snapshot of
+    the head, the backbone when it is fine-tuned (else None), the optimiser, the data-order generator, the
+    global random state, ``epoch`` (finished epochs), ``step`` and ``history``. ``resume_state``: such a
+    snapshot, loaded into ``head`` (and the backbone); training goes on with the next epoch and ends
+    exactly as a run that never stopped.
+    """
     g = torch.Generator().manual_seed(seed)
     head = head.to(device)
     params = list(head.parameters()) + (list(backbone.parameters()) if cfg.update_backbone else [])
@@ -40,7 +54,18 @@ def self_label(
     n = len(frames)
     batch = min(cfg.batch_size, n)
     history: list[dict] = []
-    for _epoch in tqdm(range(cfg.epochs), desc="self-label", unit="epoch"):
+    start = done = 0  # done: optimiser steps so far
+    if resume_state is not None:
+        head.load_state_dict(resume_state["head"])
+        if cfg.update_backbone:
+            backbone.load_state_dict(resume_state["backbone"])
+        opt.load_state_dict(resume_state["optimizer"])
+        g.set_state(resume_state["generator"])
+        set_rng_state(resume_state["rng"], device)
+        start, done, history = resume_state["epoch"], resume_state["step"], list(resume_state["history"])
+    for epoch in tqdm(
+        range(start, cfg.epochs), desc="self-label", unit="epoch", initial=start, total=cfg.epochs
+    ):
         perm = torch.randperm(n, generator=g)
         used, loss_sum, steps = 0, 0.0, 0
         for i in range(max(1, n // batch)):
@@ -68,6 +93,22 @@ def self_label(
             loss_sum += loss.item()
             steps += 1
         history.append({"confident_share": used / n, "loss": loss_sum / max(1, steps)})
+        done += steps
+        if on_epoch is not None and checkpoint_due(epoch + 1, checkpoint_every):
+            on_epoch(
+                snapshot(
+                    {
+                        "epoch": epoch + 1,
+                        "step": done,
+                        "history": history,
+                        "head": head.state_dict(),
+                        "backbone": backbone.state_dict() if cfg.update_backbone else None,
+                        "optimizer": opt.state_dict(),
+                        "generator": g.get_state(),
+                        "rng": rng_state(device),
+                    }
+                )
+            )
     backbone.eval()
     head.cpu().eval()
     return {"history": history}

@@ -2,12 +2,18 @@
 
 The methods share one loop and differ in a small class each: how many views, which projector, which loss,
 and an optional hook after each optimiser step (DINO's teacher update). ``METHODS`` maps names to classes.
+
+``train_ssl`` (like the cluster step and self-labeling) can hand a snapshot of everything it needs to go on
+to ``on_epoch`` every few epochs, and continue from such a snapshot (``resume_state``) exactly as if it had
+never stopped; ``rng_state``, ``set_rng_state`` and ``snapshot`` are the pieces the three loops share.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +27,39 @@ from training.config import SSLConfig
 from training.distributed import current
 from training.losses import barlow_twins_loss, nt_xent
 from training.models import ProjectionMLP, build_backbone, embed
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """The global random state: torch (CPU, and ``device``'s when it is a CUDA device), numpy, Python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of nested dicts, lists and tuples with every tensor detached and copied to the CPU: what an
+    epoch callback receives, so that later steps cannot change it and it loads on any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def checkpoint_due(epoch: int, every: int) -> bool:
+    """Whether an epoch callback runs after ``epoch`` (counted from 1): every ``every``-th one, 0 = never."""
+    return every > 0 and epoch % every == 0
 
 
 def cosine_schedule(step: int, total: int, base: float, warmup: int, final: float = 0.0) -> float:
@@ -97,22 +136,30 @@ def build_method(cfg: SSLConfig, clean: CleanConfig) -> SSLMethod:
 
 
 def train_ssl(
-    frames: torch.Tensor, cfg: SSLConfig, clean: CleanConfig, device: torch.device, seed: int = 0
+    frames: torch.Tensor,
+    cfg: SSLConfig,
+    clean: CleanConfig,
+    device: torch.device,
+    seed: int = 0,
+    *,
+    on_epoch: Callable[[dict], None] | None = None,
+    resume_state: dict | None = None,
+    checkpoint_every: int = 1,
 ) -> tuple[nn.Module, list[float]]:
-    """Train a backbone on uint8 frames [N,S,S]; returns it (eval mode) and the mean loss per epoch."""
+    """Train a backbone on uint8 frames [N,S,S]; returns it (eval mode) and the mean loss per epoch.
+
+    ``on_epoch(state)``: called after every ``checkpoint_every``-th epoch (0: never), on every rank, with a
+    CPU snapshot of the method (backbone, projector or DINO head, teacher and centre), the optimiser, the
+    AMP scaler, the data-order generator, the global random state of each rank, ``epoch`` (finished epochs),
+    ``step`` and ``history``. ``resume_state``: such a snapshot; training goes on with the next epoch and
+    ends exactly as a run that never stopped (under torchrun: with the same number of processes).
+    """
     g = torch.Generator().manual_seed(seed)  # the same permutation on every rank; each takes its share
     torch.manual_seed(seed)
     ranks = current()
     method = build_method(cfg, clean).to(device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Under torchrun, gradients are averaged across ranks; contrastive negatives stay within each rank.
-    # DINO's prototypes sit out their first epoch, so DDP must allow parameters without gradients.
-    model = (
-        DistributedDataParallel(method, find_unused_parameters=cfg.method == "dino")
-        if ranks.enabled
-        else method
-    )
     n = len(frames)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)
@@ -120,8 +167,23 @@ def train_ssl(
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: list[float] = []
-    step = 0
-    for epoch in range(cfg.epochs):
+    step = start = 0
+    if resume_state is not None:
+        method.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        if resume_state["scaler"]:  # empty when saved without AMP
+            scaler.load_state_dict(resume_state["scaler"])
+        g.set_state(resume_state["generator"])
+        set_rng_state(_rank_entry(resume_state["rng"], ranks.rank), device)
+        start, step, history = resume_state["epoch"], resume_state["step"], list(resume_state["history"])
+    # Under torchrun, gradients are averaged across ranks; contrastive negatives stay within each rank.
+    # DINO's prototypes sit out their first epoch, so DDP must allow parameters without gradients.
+    model = (
+        DistributedDataParallel(method, find_unused_parameters=cfg.method == "dino")
+        if ranks.enabled
+        else method
+    )
+    for epoch in range(start, cfg.epochs):
         method.train()
         perm = torch.randperm(n, generator=g)
         running = 0.0
@@ -156,8 +218,39 @@ def train_ssl(
                 f"{cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]:.4f} "
                 f"({ranks.world} process(es))"
             )
+        if on_epoch is not None and checkpoint_due(epoch + 1, checkpoint_every):
+            on_epoch(
+                snapshot(
+                    {
+                        "epoch": epoch + 1,
+                        "step": step,
+                        "history": history,
+                        "model": method.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "generator": g.get_state(),
+                        "rng": _gather_rng(device),
+                    }
+                )
+            )
     backbone = method.backbone.eval()
     return backbone, history
+
+
+def _gather_rng(device: torch.device) -> list[dict]:
+    """The global random state of every rank (ranks draw different augmentations), rank 0 first."""
+    state = rng_state(device)
+    ranks = current()
+    if not ranks.enabled:
+        return [state]
+    states: list = [None] * ranks.world
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _rank_entry(states: list[dict], rank: int) -> dict:
+    """This rank's saved random state; rank 0's when the snapshot came from fewer processes."""
+    return states[rank] if rank < len(states) else states[0]
 
 
 @torch.inference_mode()
