@@ -68,18 +68,27 @@ def main(argv: list[str] | None = None) -> int:
         "--run-dir",
         type=Path,
         default=Path("runs/latest"),
-        help="report, outputs and per-stage checkpoints (RUN_DIR/checkpoints/<stage>.pt)",
+        help="report, outputs and checkpoints (RUN_DIR/checkpoints/<stage>.pt once a stage ends, "
+        "<stage>-epoch.pt while it runs)",
+    )
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="within a stage, checkpoint after every N-th epoch (default 1; 0: only when the stage ends)",
     )
     t.add_argument(
         "--resume",
         action="store_true",
-        help="continue the interrupted run in RUN_DIR from its last finished stage; the options must give "
-        "the same configuration as the interrupted run (else refused)",
+        help="continue the interrupted run in RUN_DIR from its last checkpoint (a finished stage, or an "
+        "epoch within the unfinished one); the options must give the same configuration as the "
+        "interrupted run (else refused)",
     )
     t.add_argument(
         "--stop-after",
-        choices=["ssl", "cluster", "selflabel", "overcluster"],
-        help="stop once this stage's checkpoint is written (exit status 3); continue later with --resume",
+        metavar="STAGE[:EPOCH]",
+        help="stop once the checkpoint of this stage (ssl, cluster, selflabel, overcluster), or of its "
+        "EPOCH-th epoch (e.g. ssl:2), is written (exit status 3); continue later with --resume",
     )
     t.add_argument("--no-report", action="store_true", help="skip report.md/report.html and their plots")
 
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         from training.config import build_config
-        from training.run import RunStopped, run
+        from training.run import RunStopped, check_stop_after, run
 
         overrides = {
             "data": args.data or None,
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             "version": args.version,
             "test_fraction": args.test_fraction,
             "cache_dir": args.cache_dir,
+            "checkpoint_every": args.checkpoint_every,
             "name_clusters_from_labels": args.name_clusters_from_labels,
             "clean": {"size": args.size} if args.size else None,
             "ssl": {
@@ -125,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             or None,
         }
         cfg = build_config(args.preset, args.config, **overrides)
+        try:
+            check_stop_after(cfg, args.stop_after)
+        except ValueError as err:
+            parser.error(f"--stop-after: {err}")
         try:
             run(
                 cfg,

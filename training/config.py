@@ -91,6 +91,9 @@ class TrainConfig(BaseModel):
     seeds: list[int] = Field(default_factory=list)
     # JSON {fine label: coarse view} merged over the defaults of training.metrics.COARSE_VIEWS.
     coarse_map: Path | None = None
+    # Within each stage, write RUN_DIR/checkpoints/<stage>-epoch.pt after every N-th epoch, so a resumed
+    # run goes on from the last one (0: off, a resumed run repeats an unfinished stage from its start).
+    checkpoint_every: int = Field(default=1, ge=0)
 
 
 PRESETS: dict[str, dict] = {

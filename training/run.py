@@ -1,8 +1,10 @@
 """One training run end to end: data -> SSL backbone -> kNN mining -> FUSC heads -> evaluation -> export.
 
 Each training stage (SSL, cluster step, self-labeling, over-clustering) writes a checkpoint into the run
-folder as soon as it ends; ``resume=True`` re-uses the stages a run already finished, with the random state
-they left, so an interrupted run ends exactly as an uninterrupted one. ``cfg.seeds`` runs the whole pipeline
+folder as soon as it ends, and one after every ``cfg.checkpoint_every``-th epoch while it runs;
+``resume=True`` re-uses the stages a run already finished, with the random state they left, and continues
+an unfinished stage from its last epoch checkpoint, so an interrupted run ends exactly as an uninterrupted
+one. ``cfg.seeds`` runs the whole pipeline
 once per seed and writes mean +- std of every metric.
 """
 
@@ -33,7 +35,7 @@ from training.metrics import cluster_metrics, coarse_map, mean_std, raw_pixels, 
 from training.models import build_backbone
 from training.ood import calibrate_ood
 from training.selflabel import self_label
-from training.ssl import compute_embeddings, train_ssl
+from training.ssl import checkpoint_due, compute_embeddings, train_ssl
 
 
 def pick_device(name: str) -> torch.device:
@@ -163,11 +165,53 @@ def name_clusters(pred: np.ndarray, labels: list, k: int, min_share: float = 0.6
 # ------------------------------------------------------------------------------------ checkpoints, resume
 STAGES = ("ssl", "cluster", "selflabel", "overcluster")
 # Settings that may change between an interrupted run and its resumption: they do not change results.
-RESUME_FREE = ("threads",)
+RESUME_FREE = ("threads", "checkpoint_every")
 
 
 class RunStopped(Exception):
-    """Raised when a run was asked to stop after a stage (``stop_after``); its checkpoint is written."""
+    """Raised when a run was asked to stop after a stage or an epoch of one (``stop_after``); its
+    checkpoint is written."""
+
+
+def stage_epochs(cfg: TrainConfig, stage: str) -> int:
+    return {
+        "ssl": cfg.ssl.epochs,
+        "cluster": cfg.cluster.epochs,
+        "selflabel": cfg.selflabel.epochs,
+        "overcluster": cfg.cluster.epochs,
+    }[stage]
+
+
+def parse_stop_after(stop_after: str | None) -> tuple[str | None, int | None]:
+    """``"ssl"`` -> ("ssl", None): after the stage; ``"ssl:2"`` -> ("ssl", 2): after its 2nd epoch."""
+    if stop_after is None:
+        return None, None
+    stage, colon, epoch = stop_after.partition(":")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    if not colon:
+        return stage, None
+    if not epoch.isdigit():
+        raise ValueError(f"stop after {stop_after!r}: give STAGE or STAGE:EPOCH with a whole number")
+    return stage, int(epoch)
+
+
+def check_stop_after(cfg: TrainConfig, stop_after: str | None) -> None:
+    """Refuse a ``stop_after`` that the configuration would never reach."""
+    stage, epoch = parse_stop_after(stop_after)
+    skipped = {"selflabel": cfg.selflabel.epochs <= 0, "overcluster": cfg.cluster.overcluster <= 0}
+    if skipped.get(stage or ""):
+        raise ValueError(f"this configuration has no {stage} stage to stop after")
+    if stage is None or epoch is None:
+        return
+    epochs = stage_epochs(cfg, stage)
+    if not 1 <= epoch <= epochs:
+        raise ValueError(f"the {stage} stage has {epochs} epoch(s); there is no epoch {epoch} to stop after")
+    if not checkpoint_due(epoch, cfg.checkpoint_every):
+        raise ValueError(
+            f"epoch {epoch} of the {stage} stage writes no checkpoint "
+            f"(checkpoint_every = {cfg.checkpoint_every}); stop after a multiple of it"
+        )
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -214,7 +258,8 @@ def _set_rng_state(state: dict) -> None:
 
 class Checkpoints:
     """One file per finished stage under ``run_dir/checkpoints``, with the random state the stage left
-    (``load`` a stage, rebuild its modules, then ``restore_rng``).
+    (``load`` a stage, rebuild its modules, then ``restore_rng``); while a stage runs, ``<stage>-epoch.pt``
+    holds its last epoch snapshot (``save_epoch``, ``load_epoch``), removed once the stage's file is written.
 
     A fresh run (no ``resume``) starts by removing the stage files of an earlier run in the same folder.
     A resumed run loads the finished stages instead of training them, after checking that the images are
@@ -243,7 +288,18 @@ class Checkpoints:
         if not (self.resume and path.exists()):
             return None
         print(f"{stage}: resumed from {path}")
+        if self.write:  # left by a run killed between writing the stage's file and removing this one
+            self._epoch_path(stage).unlink(missing_ok=True)
         return torch.load(path, map_location="cpu", weights_only=False)
+
+    def load_epoch(self, stage: str) -> dict | None:
+        """The last epoch snapshot of an unfinished stage, for its training loop's ``resume_state``."""
+        path = self._epoch_path(stage)
+        if not (self.resume and path.exists()):
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        print(f"{stage}: resumed from {path} after epoch {state['epoch']}")
+        return state
 
     @staticmethod
     def restore_rng(state: dict) -> None:
@@ -254,9 +310,21 @@ class Checkpoints:
     def save(self, stage: str, state: dict) -> None:
         if not self.write:
             return
-        path = self.dir / f"{stage}.pt"
+        self._write(self.dir / f"{stage}.pt", {**state, "rng": _rng_state()})
+        self._epoch_path(stage).unlink(missing_ok=True)
+
+    def save_epoch(self, stage: str, state: dict) -> None:
+        """An epoch snapshot from a training loop's ``on_epoch`` (it holds its own random state)."""
+        if self.write:
+            self._write(self._epoch_path(stage), state)
+
+    def _epoch_path(self, stage: str) -> Path:
+        return self.dir / f"{stage}-epoch.pt"
+
+    @staticmethod
+    def _write(path: Path, state: dict) -> None:
         tmp = path.with_suffix(".tmp")
-        torch.save({**state, "rng": _rng_state()}, tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)  # a run killed while saving leaves the previous file, never half of one
 
 
@@ -298,14 +366,11 @@ def run(
     """A whole run; with ``cfg.seeds``, one per seed in ``run_dir/seed-N`` plus the aggregate.
 
     ``resume``: continue an interrupted run in ``run_dir`` (same configuration, else refused).
-    ``stop_after``: a stage name; the run stops (``RunStopped``) once that stage's checkpoint is written.
+    ``stop_after``: a stage name; the run stops (``RunStopped``) once that stage's checkpoint is written;
+    ``"stage:N"``: once the stage's checkpoint after its N-th epoch is written.
     ``report``: write report.md/report.html with plots (off in quick tests).
     """
-    if stop_after is not None and stop_after not in STAGES:
-        raise ValueError(f"unknown stage {stop_after!r}; choose from {', '.join(STAGES)}")
-    skipped = {"selflabel": cfg.selflabel.epochs <= 0, "overcluster": cfg.cluster.overcluster <= 0}
-    if skipped.get(stop_after or ""):
-        raise ValueError(f"this configuration has no {stop_after} stage to stop after")
+    check_stop_after(cfg, stop_after)
     if not cfg.seeds:
         return run_single(cfg, out, run_dir, command, resume=resume, stop_after=stop_after, report=report)
     run_dir = Path(run_dir)
@@ -390,10 +455,29 @@ def run_single(
         run_dir, data_fingerprint([images.paths[i] for i in keep], labels, subjects), resume, ranks.main
     )
 
+    stop_stage, stop_epoch = parse_stop_after(stop_after)
+
     def finished(stage: str, state: dict) -> None:
         ckpt.save(stage, state)
-        if stop_after == stage:
+        if stop_stage == stage and stop_epoch is None:
             raise RunStopped(f"stopped after the {stage} stage; continue with --resume --run-dir {run_dir}")
+
+    def epochs_of(stage: str) -> dict:
+        """A stage's training loop writes its epoch checkpoints, and goes on from the last one."""
+
+        def on_epoch(state: dict) -> None:
+            ckpt.save_epoch(stage, state)  # rank 0 only; under torchrun every rank stops
+            if (stop_stage, stop_epoch) == (stage, state["epoch"]):
+                raise RunStopped(
+                    f"stopped after epoch {state['epoch']} of the {stage} stage; "
+                    f"continue with --resume --run-dir {run_dir}"
+                )
+
+        return {
+            "on_epoch": on_epoch,
+            "resume_state": ckpt.load_epoch(stage),
+            "checkpoint_every": cfg.checkpoint_every,
+        }
 
     frames = torch.from_numpy(frames_np)
     saved = ckpt.load("ssl")
@@ -405,7 +489,9 @@ def run_single(
         ssl_hist = saved["history"]
         ckpt.restore_rng(saved)
     else:
-        backbone, ssl_hist = train_ssl(frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed)
+        backbone, ssl_hist = train_ssl(
+            frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed, **epochs_of("ssl")
+        )
         if ranks.main:
             finished("ssl", {"backbone": _module_state(backbone), "history": ssl_hist})
     if ranks.enabled:
@@ -425,7 +511,15 @@ def run_single(
         ckpt.restore_rng(saved)
     else:
         head, info = train_cluster_heads(
-            emb[train_idx], nbrs, cfg.cluster, device, cfg.seed, backbone, frames[train_idx], cfg.clean
+            emb[train_idx],
+            nbrs,
+            cfg.cluster,
+            device,
+            cfg.seed,
+            backbone,
+            frames[train_idx],
+            cfg.clean,
+            **epochs_of("cluster"),
         )
         head = head.cpu()
         finished(
@@ -449,7 +543,14 @@ def run_single(
             ckpt.restore_rng(saved)
         else:
             info["selflabel"] = self_label(
-                backbone, head, frames[train_idx], cfg.selflabel, cfg.clean, device, cfg.seed
+                backbone,
+                head,
+                frames[train_idx],
+                cfg.selflabel,
+                cfg.clean,
+                device,
+                cfg.seed,
+                **epochs_of("selflabel"),
             )
             finished(
                 "selflabel",
@@ -478,7 +579,9 @@ def run_single(
             over_cfg = cfg.cluster.model_copy(
                 update={"num_clusters": cfg.cluster.overcluster, "update_backbone": False}
             )
-            over_head, over_info = train_cluster_heads(emb_ssl[train_idx], nbrs, over_cfg, device, cfg.seed)
+            over_head, over_info = train_cluster_heads(
+                emb_ssl[train_idx], nbrs, over_cfg, device, cfg.seed, **epochs_of("overcluster")
+            )
             over_head = over_head.cpu()
             finished("overcluster", {"head": _module_state(over_head), "info": over_info})
         preds["fusc_overcluster"] = predict(over_head, emb_ssl).argmax(1)
