@@ -4,8 +4,7 @@ Each training stage (SSL, cluster step, self-labeling, over-clustering) writes a
 folder as soon as it ends, and one after every ``cfg.checkpoint_every``-th epoch while it runs;
 ``resume=True`` re-uses the stages a run already finished, with the random state they left, and continues
 an unfinished stage from its last epoch checkpoint, so an interrupted run ends exactly as an uninterrupted
-one. ``cfg.seeds`` runs the whole pipeline
-once per seed and writes mean +- std of every metric.
+one. ``cfg.seeds`` runs the whole pipeline once per seed and writes mean +- std of every metric.
 """
 
 from __future__ import annotations
@@ -466,7 +465,7 @@ def run_single(
         """A stage's training loop writes its epoch checkpoints, and goes on from the last one."""
 
         def on_epoch(state: dict) -> None:
-            ckpt.save_epoch(stage, state)  # rank 0 only; under torchrun every rank stops
+            ckpt.save_epoch(stage, state)  # rank 0 writes; under torchrun every rank stops
             if (stop_stage, stop_epoch) == (stage, state["epoch"]):
                 raise RunStopped(
                     f"stopped after epoch {state['epoch']} of the {stage} stage; "
@@ -492,8 +491,8 @@ def run_single(
         backbone, ssl_hist = train_ssl(
             frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed, **epochs_of("ssl")
         )
-        if ranks.main:
-            finished("ssl", {"backbone": _module_state(backbone), "history": ssl_hist})
+        # Rank 0 writes; under torchrun every rank stops when asked to.
+        finished("ssl", {"backbone": _module_state(backbone), "history": ssl_hist})
     if ranks.enabled:
         # The cluster step is head-only and takes seconds: rank 0 finishes the run alone.
         barrier()
