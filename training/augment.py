@@ -1,6 +1,6 @@
 """Ultrasound-aware augmentations, applied batch-wise to cached uint8 frames on the training device.
 
-No colour jitter (the data is gray): random resized crops and small rotations (probe position and
+No colour jitter (the data is gray): random resized crops and rotations (probe position, tilt and
 depth), horizontal flips (left/right is arbitrary in these planes), gain and gamma (machine settings),
 multiplicative speckle and blur (transducer and resolution), and cut-outs (shadows, missing windows).
 """
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 @dataclass(frozen=True)
 class AugmentConfig:
     scale: tuple[float, float] = (0.35, 1.0)
-    max_rotation_deg: float = 15.0
+    # Sonographers hold a plane at up to about +-40 degrees from its textbook orientation.
+    max_rotation_deg: float = 40.0
     flip_p: float = 0.5
     gain: tuple[float, float] = (0.7, 1.3)
     gamma: tuple[float, float] = (0.7, 1.4)

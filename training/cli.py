@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--phantoms", type=int, help="add this many generated phantom images")
     t.add_argument("--method", choices=["simclr", "barlowtwins", "dino"], help="SSL method")
     t.add_argument(
-        "--backbone", help="resnet18 | resnet18-half | resnet18-quarter | vit-small-16 | vit-tiny-16"
+        "--backbone",
+        help="resnet18 | resnet18-half | resnet18-quarter | vit-small-16 | vit-tiny-16 | vit-tiny-8 "
+        "| vit-micro-8",
     )
     t.add_argument("--clusters", type=int, help="number of clusters K")
     t.add_argument(

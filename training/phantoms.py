@@ -31,7 +31,7 @@ VIEW_ANNOTATION: dict[str, str] = {
     "cervix": "CERVIX",
 }
 # Bump when the images a seed produces change, so cached phantom sets are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 VIEWS: tuple[str, ...] = tuple(VIEW_ANNOTATION)
 
 # Echo strengths (linear amplitude before log compression). Ratios matter, not units: fluid ~ -54 dB,
@@ -585,7 +585,9 @@ def _render(
 
     cx, cy = fan.to_frame(rng.uniform(0.4, 0.65), rng.uniform(-0.45, 0.45))
     zoom = rng.uniform(0.8, 1.25)  # depth setting: deeper field, smaller anatomy
-    scale = 0.26 * min(h, w) * rng.uniform(0.75, 1.25) * zoom
+    # A standard plane is magnified until its structure fills most of the screen (the head or trunk spans
+    # about two thirds of the frame's height on average), so the anatomy, not the clutter, dominates.
+    scale = 0.34 * min(h, w) * rng.uniform(0.75, 1.25) * zoom
     # Sonographers hold standard planes in roughly standard orientations: tilt within +-40 degrees, and
     # either side of the screen.
     rot, flip = rng.uniform(-1.0, 1.0) * math.radians(40), bool(rng.random() < 0.5)

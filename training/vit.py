@@ -99,6 +99,8 @@ VITS: dict[str, tuple[int, int, int, int]] = {
     "vit-small-16": (16, 384, 12, 6),
     "vit-tiny-16": (16, 192, 12, 3),
     "vit-tiny-8": (8, 192, 12, 3),
+    # For CPU runs on 64-px inputs: 64 patches, 4 blocks.
+    "vit-micro-8": (8, 96, 4, 3),
 }
 
 
