@@ -46,11 +46,11 @@ format: setup-dev
 	$(VENV)/bin/ruff format service training tests
 	$(VENV)/bin/ruff check --fix service training tests
 
-# Rebuilds the bundled demonstration model in model_repository/ (about 20 minutes on 2 CPU cores).
+# Rebuilds the bundled demonstration model in model_repository/ (about 10 minutes on 2 CPU cores).
 train-bundled: setup-dev
 	$(PY) -m training train --preset cpu-small \
 	  --data csv:../shared/data/hc18 --data csv:../shared/data/fetal_planes_db \
-	  --phantoms 1500 --clusters 10 --backbone resnet18-quarter --ssl-epochs 15 --name-clusters-from-labels --version 0.1.0 \
+	  --phantoms 1500 --clusters 10 --backbone resnet18-quarter --ssl-epochs 30 --name-clusters-from-labels --version 0.1.0 \
 	  --out model_repository --run-dir runs/bundled
 
 clean-venv:
