@@ -233,8 +233,10 @@ class ColourFrame(np.ndarray):
 def _with_chroma(gray: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """``gray`` as a :class:`ColourFrame` when some pixel of ``colour`` (HxWx3, uint8, any channel order)
     is coloured, else as it is."""
-    chroma = cv2.subtract(colour.max(axis=2), colour.min(axis=2))
-    if not chroma.any():
+    # Per-channel OpenCV max/min: about 20x faster than numpy's reduction over the interleaved last axis.
+    a, b, c = cv2.split(np.ascontiguousarray(colour[:, :, :3]))
+    chroma = cv2.subtract(cv2.max(cv2.max(a, b), c), cv2.min(cv2.min(a, b), c))
+    if not cv2.countNonZero(chroma):
         return gray
     out = gray.view(ColourFrame)
     out.chroma = np.ascontiguousarray(chroma)
