@@ -126,16 +126,7 @@ def _components(cand: np.ndarray, run: int) -> tuple[int, np.ndarray]:
     px and more (a depth scale, a box edge) labelled apart from what touches them, so that glyphs written
     against the depth scale are judged as glyphs and the scale as a line. Only components at least ``run``
     px long can hold such a run; only their boxes are searched."""
-    n, labels = cv2.connectedComponents(cand, connectivity=8)
-    points = cv2.findNonZero(cand).reshape(-1, 2)
-    xs, ys, own = points[:, 0], points[:, 1], labels[points[:, 1], points[:, 0]]
-    stats = np.zeros((n, 4), np.int64)  # x, y, width, height
-    for col, coord in ((0, xs), (1, ys)):
-        lo = np.full(n, np.iinfo(np.int64).max)
-        hi = np.full(n, -1)
-        np.minimum.at(lo, own, coord)
-        np.maximum.at(hi, own, coord)
-        stats[:, col], stats[:, col + 2] = lo, np.maximum(hi - lo + 1, 0)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(cand, connectivity=8)  # x, y, w, h, area
     long_ = np.flatnonzero(np.maximum(stats[1:, 2], stats[1:, 3]) >= run) + 1
     v_line = cv2.getStructuringElement(cv2.MORPH_RECT, (1, run))
     h_line = cv2.getStructuringElement(cv2.MORPH_RECT, (run, 1))

@@ -57,8 +57,12 @@ def read_csv_layout(root: Path, name: str | None = None) -> ImageList:
     return out
 
 
-def read_fetal_planes_db(root: Path) -> ImageList:
-    """Published FETAL_PLANES_DB layout: ``Images/<name>.png`` + ``FETAL_PLANES_DB_data.csv`` (";")."""
+def read_fetal_planes_db(root: Path, fine: bool = False) -> ImageList:
+    """Published FETAL_PLANES_DB layout: ``Images/<name>.png`` + ``FETAL_PLANES_DB_data.csv`` (";").
+
+    ``fine``: brain images are labelled by their sub-plane (Trans-thalamic, Trans-cerebellum,
+    Trans-ventricular), the fine labels that the coarse-view table merges back into "Fetal brain".
+    """
     root = Path(root)
     out = ImageList()
     with open(root / "FETAL_PLANES_DB_data.csv", newline="") as f:
@@ -67,7 +71,7 @@ def read_fetal_planes_db(root: Path) -> ImageList:
             path = root / "Images" / f"{row['Image_name']}.png"
             if path.exists():
                 out.paths.append(path)
-                out.labels.append(row["Plane"])
+                out.labels.append(fine_plane(row["Plane"], row.get("Brain_plane")) if fine else row["Plane"])
                 out.subjects.append(f"FPDB_{row['Patient_num']}")
                 out.sources.append("fetal_planes_db")
     return out
@@ -83,23 +87,6 @@ def read_folder(root: Path) -> ImageList:
         out.labels.append(None)
         out.subjects.append(rel.parts[0] if len(rel.parts) > 1 else rel.stem)
         out.sources.append(root.name)
-    return out
-
-
-def read_fetal_planes_db_fine(root: Path) -> ImageList:
-    """FETAL_PLANES_DB with brain images labelled by their sub-plane (Trans-thalamic, Trans-cerebellum,
-    Trans-ventricular), the fine labels that the coarse-view table merges back into "Fetal brain"."""
-    root = Path(root)
-    out = ImageList()
-    with open(root / "FETAL_PLANES_DB_data.csv", newline="") as f:
-        for row in csv.DictReader(f, delimiter=";"):
-            row = {k.strip(): v.strip() for k, v in row.items() if k}
-            path = root / "Images" / f"{row['Image_name']}.png"
-            if path.exists():
-                out.paths.append(path)
-                out.labels.append(fine_plane(row["Plane"], row.get("Brain_plane")))
-                out.subjects.append(f"FPDB_{row['Patient_num']}")
-                out.sources.append("fetal_planes_db")
     return out
 
 
@@ -217,7 +204,7 @@ READERS = {
     "csv": read_csv_layout,
     "csv-fine": read_csv_layout_fine,
     "fpdb": read_fetal_planes_db,
-    "fpdb-fine": read_fetal_planes_db_fine,
+    "fpdb-fine": lambda root: read_fetal_planes_db(root, fine=True),
     "folder": read_folder,
     "dicom": read_dicom_folder,
 }

@@ -3,16 +3,15 @@ policy, labels from a CSV, undecodable files skipped and counted by their typed 
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from service.clean import CleanConfig
 from service.decode import decode_image
+from tests.service.test_decode import _dataset, _save
 from training.data import SUBJECT_KEY_FILE, load_frames, read_spec
 
 PATIENTS = ("DOE^JANE", "ROE^RICHARD")
@@ -24,28 +23,18 @@ BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 def _dicom(
     pixels: np.ndarray | None, patient: int, *, sop: str = US_IMAGE, frames: int = 1, **extra
 ) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = sop, meta.MediaStorageSOPInstanceUID, "US"
-    ds.PatientName, ds.PatientID = PATIENTS[patient], IDS[patient]
-    ds.StudyInstanceUID = generate_uid()
-    if pixels is not None:
-        shape = pixels.shape[1:] if frames > 1 else pixels.shape
-        ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
-        ds.Rows, ds.Columns = shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        if frames > 1:
-            ds.NumberOfFrames = frames
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    for k, v in extra.items():
-        setattr(ds, k, v)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    """An ultrasound DICOM of one of two patients, written by the decode tests' own builder."""
+    return _save(
+        _dataset(
+            pixels,
+            frames=frames,
+            sop=sop,
+            PatientName=PATIENTS[patient],
+            PatientID=IDS[patient],
+            StudyInstanceUID=generate_uid(),
+            **extra,
+        )
+    )
 
 
 def _frame(seed: int, value: int | None = None) -> np.ndarray:
