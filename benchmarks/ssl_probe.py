@@ -48,6 +48,13 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--rot", type=float, default=40.0, help="max rotation of the augmented views (degrees)")
     p.add_argument("--min-crop", type=float, default=0.35, help="smallest crop area of the augmented views")
+    p.add_argument(
+        "--field-p", type=float, default=0.0, help="share of views masked by a random imaged field"
+    )
+    p.add_argument("--views", nargs="+", help="keep only these views (default: all)")
+    p.add_argument(
+        "--ssl-json", type=Path, help="SSLConfig fields from a JSON file (e.g. DINO's), under the flags"
+    )
     p.add_argument("--cache-dir", type=Path, default=Path("runs/cache"))
     a = p.parse_args()
 
@@ -57,13 +64,22 @@ def main() -> None:
     images = read_csv_layout(root, name="phantoms")
     k = a.limit
     images = ImageList(images.paths[:k], images.labels[:k], images.subjects[:k], images.sources[:k])
+    if a.views:
+        keep = [i for i, lab in enumerate(images.labels) if lab in set(a.views)]
+        images = ImageList(
+            *(
+                [seq[i] for i in keep]
+                for seq in (images.paths, images.labels, images.subjects, images.sources)
+            )
+        )
     clean = CleanConfig(size=a.size)
     frames, _ = load_frames(images, clean, cache_dir=a.cache_dir)
     labels = np.array(images.labels)
     held = subject_split(list(images.subjects), 0.2, 0)
     x = torch.from_numpy(frames)
-    strong = dataclasses.replace(augment_module.STRONG, max_rotation_deg=a.rot, scale=(a.min_crop, 1.0))
-    ssl_module.STRONG = strong
+    strong = dataclasses.replace(
+        augment_module.STRONG, max_rotation_deg=a.rot, scale=(a.min_crop, 1.0), field_p=a.field_p
+    )
     t0 = time.time()
     result: dict = {"args": vars(a) | {"cache_dir": str(a.cache_dir)}, "generator_version": GENERATOR_VERSION}
 
@@ -96,13 +112,18 @@ def main() -> None:
             pred = torch.cat([head(backbone(v)).argmax(1) for v in plain])
         result["supervised_accuracy_heldout"] = round(float((pred[held] == y[held]).float().mean()), 3)
     else:
+        extra = json.loads(a.ssl_json.read_text()).get("ssl", {}) if a.ssl_json else {}
         cfg = SSLConfig(
-            method=a.method,
-            backbone=a.backbone,
-            epochs=a.epochs,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            temperature=a.temperature,
+            **extra
+            | dict(
+                method=a.method,
+                backbone=a.backbone,
+                epochs=a.epochs,
+                batch_size=a.batch_size,
+                lr=a.lr,
+                temperature=a.temperature,
+                augment=strong,
+            )
         )
         backbone, history = ssl_module.train_ssl(x, cfg, clean, torch.device("cpu"))
         emb = ssl_module.compute_embeddings(backbone, x, clean, torch.device("cpu"))
@@ -114,7 +135,7 @@ def main() -> None:
             result[f"linear_probe_{name}"] = round(float(clf.score(feats[held], labels[held])), 3)
         result["neighbour_agreement"] = round(neighbor_accuracy(mine_neighbors(emb, 20), labels), 3)
     result["seconds"] = round(time.time() - t0)
-    print(json.dumps(result))
+    print(json.dumps(result, default=str))
 
 
 if __name__ == "__main__":

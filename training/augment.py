@@ -2,7 +2,9 @@
 
 No colour jitter (the data is gray): random resized crops and rotations (probe position, tilt and
 depth), horizontal flips (left/right is arbitrary in these planes), gain and gamma (machine settings),
-multiplicative speckle and blur (transducer and resolution), and cut-outs (shadows, missing windows).
+multiplicative speckle and blur (transducer and resolution), cut-outs (shadows, missing windows), and a
+random imaged field (a sector or a rectangle, as another probe or depth would show): without it, the shape
+of the field is the easiest thing two views of one frame share, and the embedding sorts probes, not views.
 """
 
 from __future__ import annotations
@@ -26,10 +28,35 @@ class AugmentConfig:
     speckle_std: float = 0.25
     blur_p: float = 0.3
     cutout_p: float = 0.3
+    # Share of views masked by a random imaged field; of those, the share with a rectangular (linear) field.
+    field_p: float = 0.0
+    field_linear_p: float = 0.3
 
 
 WEAK = AugmentConfig(scale=(0.7, 1.0), max_rotation_deg=8.0, speckle_p=0.2, blur_p=0.1, cutout_p=0.0)
-STRONG = AugmentConfig()
+STRONG = AugmentConfig(field_p=0.8)
+
+
+def field_masks(n: int, size: int, linear_p: float, device: torch.device) -> torch.Tensor:
+    """n random imaged fields [n,1,S,S] (1 inside): sectors with their apex above the frame (convex or
+    phased probes) or rectangles (linear probes), with the depth ranges and widths scanners show."""
+    c = (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1  # pixel centres, -1..1
+    v, u = c.view(1, size, 1), c.view(1, 1, size)
+    top = _uniform(n, -1.0, -0.75, device).view(n, 1, 1)
+    bottom = _uniform(n, 0.75, 1.0, device).view(n, 1, 1)
+    # Sector: apex on the centre line above the top edge, half-angle 25-45 degrees.
+    ax = _uniform(n, -0.08, 0.08, device).view(n, 1, 1)
+    ay = top - _uniform(n, 0.05, 1.2, device).view(n, 1, 1)
+    half = torch.deg2rad(_uniform(n, 25.0, 45.0, device)).view(n, 1, 1)
+    du, dv = u - ax, v - ay
+    radius = torch.sqrt(du * du + dv * dv)
+    sector = (torch.atan2(du, dv).abs() <= half) & (radius >= top - ay) & (radius <= bottom - ay)
+    # Rectangle: a centred window 55-95 % of the width.
+    width = _uniform(n, 0.55, 0.95, device).view(n, 1, 1)
+    cx = _uniform(n, -0.1, 0.1, device).view(n, 1, 1)
+    rect = ((u - cx).abs() <= width) & (v >= top) & (v <= bottom)
+    linear = (torch.rand(n, device=device) < linear_p).view(n, 1, 1)
+    return torch.where(linear, rect, sector).unsqueeze(1).float()
 
 
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -63,6 +90,10 @@ def augment(
     )
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    if cfg.field_p > 0:
+        on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.field_p).float()
+        x = x * (1 - on + on * field_masks(n, size, cfg.field_linear_p, dev))
 
     # Intensity: gain and gamma like a sonographer turning knobs.
     x = x.clamp(0, 1) ** _uniform(n, *cfg.gamma, dev).view(n, 1, 1, 1)

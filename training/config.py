@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from service.clean import CleanConfig
+from training.augment import STRONG, AugmentConfig
 
 
 class SSLConfig(BaseModel):
@@ -22,6 +23,8 @@ class SSLConfig(BaseModel):
     temperature: float = 0.1
     proj_hidden: int = 512
     proj_dim: int = 128
+    # The augmented views (training/augment.py); DINO replaces the crop scale with global_scale/local_scale.
+    augment: AugmentConfig = Field(default_factory=lambda: STRONG)
     # Clip the gradient norm (0: off); DINO uses 3.0.
     clip_grad: float = 0.0
     # BarlowTwins' off-diagonal weight.
@@ -34,6 +37,8 @@ class SSLConfig(BaseModel):
     # px; None -> 3/7 of the input size (96 at 224) rounded to a whole number of ViT patches.
     local_size: int | None = None
     head_hidden: int = 2048
+    # BatchNorm in DINO's head MLP; None: on for convolutional backbones (ResNets), off for ViTs.
+    head_bn: bool | None = None
     head_bottleneck: int = 256
     prototypes: int = 65536
     student_temp: float = 0.1
@@ -132,6 +137,44 @@ PRESETS: dict[str, dict] = {
     },
 }
 
+# What a preset changes for one SSL method, applied over the preset and under a config file and the flags.
+METHOD_PRESETS: dict[str, dict[str, dict]] = {
+    "cpu-small": {
+        # A ViT learns nothing useful from 3,000 images in CPU minutes; DINO runs on the same small ResNet
+        # (with BatchNorm in its head), a small head, 2 local crops and a sharper teacher.
+        "dino": {
+            "ssl": {
+                "backbone": "resnet18-quarter",
+                "lr": 1e-3,
+                "weight_decay": 0.04,
+                "clip_grad": 3.0,
+                "local_crops": 2,
+                "head_hidden": 512,
+                "head_bottleneck": 128,
+                "prototypes": 1024,
+                "teacher_momentum": 0.99,
+                "teacher_temp": 0.02,
+                "warmup_teacher_temp": 0.02,
+                "warmup_teacher_temp_epochs": 0,
+                "freeze_last_layer_epochs": 1,
+            }
+        },
+    },
+    "gpu-paper": {
+        # The paper's DINO: ViT-S/16, DINO's own settings (lr 5e-4 per 256 images, weight decay 0.04).
+        "dino": {
+            "ssl": {
+                "backbone": "vit-small-16",
+                "epochs": 100,
+                "lr": 5e-4,
+                "weight_decay": 0.04,
+                "clip_grad": 3.0,
+                "warmup_teacher_temp_epochs": 30,
+            }
+        },
+    },
+}
+
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
@@ -145,11 +188,18 @@ def _merge(base: dict, extra: dict) -> dict:
 def build_config(preset: str | None = None, file: Path | None = None, **overrides) -> TrainConfig:
     """Preset, then a JSON file, then explicit overrides (nested dicts merge)."""
     raw: dict = {}
-    if preset:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        raw = _merge(raw, PRESETS[preset])
-    if file:
-        raw = _merge(raw, json.loads(Path(file).read_text()))
-    raw = _merge(raw, {k: v for k, v in overrides.items() if v is not None})
+    if preset and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    base = PRESETS.get(preset, {}) if preset else {}
+    extra = json.loads(Path(file).read_text()) if file else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    # The method decides which of the preset's per-method settings apply, wherever it was chosen.
+    method = next(
+        (layer["ssl"]["method"] for layer in (given, extra, base) if "method" in (layer.get("ssl") or {})),
+        SSLConfig.model_fields["method"].default,
+    )
+    raw = _merge(raw, base)
+    raw = _merge(raw, METHOD_PRESETS.get(preset or "", {}).get(method, {}))
+    raw = _merge(raw, extra)
+    raw = _merge(raw, given)
     return TrainConfig.model_validate(raw)

@@ -205,6 +205,14 @@ def write_report(run_dir: Path) -> Path:
         f"Wall time {summary['seconds']} s.",
         "",
     ]
+    health = q.get("ssl_health")
+    if health and health.get("collapsed"):
+        lines += [
+            "**Warning: the SSL embedding looks collapsed** ("
+            + "; ".join(health["reasons"])
+            + "). Clusters and metrics below are not meaningful; see docs/training.md, 'Collapse'.",
+            "",
+        ]
     if q.get("skipped_files"):
         lines += [
             "Files the decoder refused (left out), by error code: "
@@ -246,6 +254,18 @@ def write_report(run_dir: Path) -> Path:
                 f"| {src} | {v['embeddings']:.3f} | {v['raw_pixels']:.3f} |"
                 for src, v in q["linear_probe_heldout"].items()
             ],
+            "",
+        ]
+    if health:
+        lines += [
+            f"SSL embedding health (train): mean cosine between images {health['mean_pair_cosine']:.3f}, "
+            f"effective rank {health['effective_rank']:.1f}"
+            + (
+                f", DINO loss at {health['dino_loss_share_of_uniform']:.1%} of log(prototypes)"
+                if health.get("dino_loss_share_of_uniform") is not None
+                else ""
+            )
+            + ".",
             "",
         ]
     if q.get("neighbor_accuracy_train") is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import random
@@ -29,12 +30,15 @@ from training.config import TrainConfig
 from training.data import ImageList, load_frames, read_csv_layout, read_spec, subject_split
 from training.distributed import barrier, init_distributed, shutdown
 from training.export import write_model_repository
+from training.health import embedding_health
 from training.knn import mine_neighbors, neighbor_accuracy
 from training.metrics import cluster_metrics, coarse_map, mean_std, raw_pixels, to_coarse
 from training.models import build_backbone
 from training.ood import calibrate_ood
 from training.selflabel import self_label
 from training.ssl import checkpoint_due, compute_embeddings, train_ssl
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(name: str) -> torch.device:
@@ -500,6 +504,9 @@ def run_single(
         if not ranks.main:
             return {}
     emb = emb_ssl = compute_embeddings(backbone, frames, cfg.clean, device)
+    health = embedding_health(emb[train_idx], cfg.ssl.method, ssl_hist, cfg.ssl.prototypes)
+    if health["collapsed"]:
+        log.warning("the SSL embedding looks collapsed: %s", "; ".join(health["reasons"]))
     nbrs = mine_neighbors(emb[train_idx], cfg.cluster.neighbors)
 
     saved = ckpt.load("cluster")
@@ -618,6 +625,7 @@ def run_single(
         ),
         "cluster_sizes_train": np.bincount(pred[train_idx], minlength=cfg.cluster.num_clusters).tolist(),
         "ssl_loss_per_epoch": ssl_hist,
+        "ssl_health": health,
         "cluster_final_losses": info["final_losses"],
         "cluster_loss_history": info["history"],
         "best_head": info["best_head"],

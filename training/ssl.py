@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from service.clean import CleanConfig
-from training.augment import STRONG, augment, plain
+from training.augment import augment, plain
 from training.config import SSLConfig
 from training.distributed import current
 from training.losses import barlow_twins_loss, nt_xent
@@ -77,7 +77,7 @@ class SSLMethod(nn.Module):
         self.backbone, self.cfg, self.clean = backbone, cfg, clean
 
     def views(self, x: torch.Tensor, n: int = 2) -> list[torch.Tensor]:
-        return [augment(x, STRONG, self.clean.mean, self.clean.std) for _ in range(n)]
+        return [augment(x, self.cfg.augment, self.clean.mean, self.clean.std) for _ in range(n)]
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

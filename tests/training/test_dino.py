@@ -153,3 +153,32 @@ def test_train_ssl_returns_teacher_backbone_with_unit_embeddings():
     emb = compute_embeddings(backbone, frames, clean, torch.device("cpu"))
     assert emb.shape == (8, 192)
     assert abs(float((emb**2).sum(1).mean()) - 1.0) < 1e-4
+
+
+def test_head_batch_norm_follows_the_backbone_unless_set():
+    from training.models import build_backbone
+
+    clean = CleanConfig(size=16)
+    resnet = build_backbone("resnet18-quarter", small_stem=True, img_size=16)
+    has_bn = lambda m: any(isinstance(x, torch.nn.BatchNorm1d) for x in m.student.head.mlp)  # noqa: E731
+    assert has_bn(DINO(resnet, _tiny_cfg(), clean))
+    assert not has_bn(DINO(_tiny_vit(), _tiny_cfg(), clean))
+    assert has_bn(DINO(_tiny_vit(), _tiny_cfg(head_bn=True), clean))
+    resnet = build_backbone("resnet18-quarter", small_stem=True, img_size=16)
+    assert not has_bn(DINO(resnet, _tiny_cfg(head_bn=False), clean))
+
+
+def test_head_batch_norm_spreads_nearly_identical_features():
+    # Features with a large shared component (as pooled ReLU features of a ResNet at the start): without
+    # normalisation the head gives every image almost the same logits; with it they differ.
+    from training.dino import DINOHead
+
+    torch.manual_seed(0)
+    feats = 5.0 + 0.05 * torch.randn(64, 32)
+    spread = {}
+    for bn in (False, True):
+        head = DINOHead(32, hidden=64, bottleneck=16, prototypes=48, batch_norm=bn).train()
+        with torch.no_grad():
+            out = head(feats)
+        spread[bn] = float(out.std(0).mean() / out.std(1).mean())
+    assert spread[True] > 3 * spread[False]
