@@ -37,3 +37,8 @@ def test_file_and_flags_override_method_settings(tmp_path):
 def test_unknown_preset_is_refused():
     with pytest.raises(ValueError, match="unknown preset"):
         build_config("laptop")
+
+
+def test_smoke_dino_runs_a_tiny_head():
+    cfg = build_config("smoke", ssl={"method": "dino"})
+    assert cfg.ssl.prototypes <= 256 and cfg.ssl.head_hidden <= 128 and cfg.clean.size == 32
