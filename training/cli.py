@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         "first seed's model",
     )
     t.add_argument(
+        "--split-seed",
+        type=int,
+        help="seed that draws the held-out subjects (default: --seed, or the first of --seeds), so runs with "
+        "other seeds can share one split",
+    )
+    t.add_argument(
         "--coarse-map",
         type=Path,
         help="JSON {fine label: coarse view} merged over the default map, for the merged-view tables "
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "phantoms": args.phantoms,
             "seed": args.seed,
             "seeds": args.seeds,
+            "split_seed": args.split_seed,
             "coarse_map": args.coarse_map,
             "threads": args.threads,
             "device": args.device,

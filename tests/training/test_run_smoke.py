@@ -178,3 +178,13 @@ def test_dicom_folder_two_seeds_overclustering_and_report(tmp_path):
                     data = b" ".join(arrays[k].tobytes() for k in arrays.files if arrays[k].dtype.kind == "U")
                     data = data.decode("utf-32-le", "ignore").encode()
                 assert not IDENTIFIERS.search(data), f
+
+
+def test_split_seed_flag_reaches_the_run_config(phantom_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--preset", "smoke", "--data", f"csv:{phantom_dir}", "--test-fraction", "0.25"]
+    argv += ["--seed", "3", "--split-seed", "7", "--stop-after", "ssl:1", "--threads", "1"]
+    argv += ["--out", str(tmp_path / "repo"), "--run-dir", str(run_dir), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 3  # stopped as asked, after the config was written
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["seed"] == 3 and cfg["split_seed"] == 7
