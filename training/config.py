@@ -24,7 +24,7 @@ class SSLConfig(BaseModel):
     proj_hidden: int = 512
     proj_dim: int = 128
     # The augmented views (training/augment.py); DINO replaces the crop scale with global_scale/local_scale.
-    augment: AugmentConfig = Field(default_factory=lambda: STRONG)
+    augment: AugmentConfig = STRONG  # frozen: safe to share as a default
     # Clip the gradient norm (0: off); DINO uses 3.0.
     clip_grad: float = 0.0
     # BarlowTwins' off-diagonal weight.
@@ -68,6 +68,8 @@ class ClusterConfig(BaseModel):
 class SelfLabelConfig(BaseModel):
     epochs: int = 10
     threshold: float = 0.99
+    # The strongly augmented views whose predictions are trained towards the confident targets.
+    augment: AugmentConfig = STRONG
     lr: float = 1e-4
     batch_size: int = 256
     balance: bool = True
@@ -193,8 +195,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def build_config(preset: str | None = None, file: Path | None = None, **overrides) -> TrainConfig:
-    """Preset, then a JSON file, then explicit overrides (nested dicts merge)."""
-    raw: dict = {}
+    """Preset, its settings for the chosen SSL method, a JSON file, then explicit overrides (nested dicts
+    merge)."""
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     base = PRESETS.get(preset, {}) if preset else {}
@@ -205,8 +207,7 @@ def build_config(preset: str | None = None, file: Path | None = None, **override
         (layer["ssl"]["method"] for layer in (given, extra, base) if "method" in (layer.get("ssl") or {})),
         SSLConfig.model_fields["method"].default,
     )
-    raw = _merge(raw, base)
-    raw = _merge(raw, METHOD_PRESETS.get(preset or "", {}).get(method, {}))
-    raw = _merge(raw, extra)
-    raw = _merge(raw, given)
+    raw: dict = {}
+    for layer in (base, METHOD_PRESETS.get(preset or "", {}).get(method, {}), extra, given):
+        raw = _merge(raw, layer)
     return TrainConfig.model_validate(raw)

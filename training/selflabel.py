@@ -11,7 +11,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.clean import CleanConfig
-from training.augment import STRONG, augment, plain
+from training.augment import augment, plain
 from training.config import SelfLabelConfig
 from training.models import embed
 from training.ssl import checkpoint_due, rng_state, set_rng_state, snapshot
@@ -77,7 +77,7 @@ def self_label(
             keep = conf >= cfg.threshold
             if keep.sum() < 2:
                 continue
-            strong = augment(x[keep], STRONG, clean.mean, clean.std)
+            strong = augment(x[keep], cfg.augment, clean.mean, clean.std)
             if cfg.update_backbone:
                 backbone.train()
                 z = embed(backbone, strong)

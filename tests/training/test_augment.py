@@ -60,6 +60,9 @@ def test_augment_config_is_part_of_the_typed_run_config():
     assert cfg.ssl.augment.field_p == 0.25 and cfg.ssl.augment.max_rotation_deg == 10
     assert cfg.ssl.augment.scale == STRONG.scale  # fields not given keep STRONG's values
     assert build_config("cpu-small").ssl.augment == STRONG
+    # Self-labeling's strong views are set apart from the SSL views.
+    cfg = build_config("cpu-small", selflabel={"augment": {"field_p": 0.0}})
+    assert cfg.selflabel.augment.field_p == 0.0 and cfg.ssl.augment == STRONG
     with pytest.raises(ValueError):
         build_config("cpu-small", ssl={"augment": {"field_p": "often"}})
 
