@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["ssl", "sup"], default="ssl")
     p.add_argument("--method", default="simclr")
     p.add_argument("--backbone", default="resnet18-quarter")
+    p.add_argument("--stem", default="imagenet", choices=["imagenet", "stride2", "stride1"])
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -51,6 +52,12 @@ def main() -> None:
     p.add_argument(
         "--field-p", type=float, default=0.0, help="share of views masked by a random imaged field"
     )
+    p.add_argument(
+        "--field-fill", action="store_true", help="refill the frame's own field before the random one"
+    )
+    p.add_argument("--gain", type=float, nargs=2, help="gain range of the augmented views (default STRONG's)")
+    p.add_argument("--gamma", type=float, nargs=2, help="gamma range of the augmented views")
+    p.add_argument("--shading-p", type=float, default=0.0, help="share of views with a smooth gain field")
     p.add_argument("--views", nargs="+", help="keep only these views (default: all)")
     p.add_argument(
         "--ssl-json", type=Path, help="SSLConfig fields from a JSON file (e.g. DINO's), under the flags"
@@ -78,14 +85,21 @@ def main() -> None:
     held = subject_split(list(images.subjects), 0.2, 0)
     x = torch.from_numpy(frames)
     strong = dataclasses.replace(
-        augment_module.STRONG, max_rotation_deg=a.rot, scale=(a.min_crop, 1.0), field_p=a.field_p
+        augment_module.STRONG,
+        max_rotation_deg=a.rot,
+        scale=(a.min_crop, 1.0),
+        field_p=a.field_p,
+        field_fill=a.field_fill,
+        shading_p=a.shading_p,
+        gain=tuple(a.gain or augment_module.STRONG.gain),
+        gamma=tuple(a.gamma or augment_module.STRONG.gamma),
     )
     t0 = time.time()
     result: dict = {"args": vars(a) | {"cache_dir": str(a.cache_dir)}, "generator_version": GENERATOR_VERSION}
 
     if a.mode == "sup":
         torch.manual_seed(0)
-        backbone = build_backbone(a.backbone, img_size=a.size)
+        backbone = build_backbone(a.backbone, stem=a.stem, img_size=a.size)
         classes = sorted(set(labels))
         y = torch.tensor([classes.index(lab) for lab in labels])
         head = torch.nn.Linear(backbone.out_dim, len(classes))
@@ -118,6 +132,7 @@ def main() -> None:
             | dict(
                 method=a.method,
                 backbone=a.backbone,
+                stem=a.stem,
                 epochs=a.epochs,
                 batch_size=a.batch_size,
                 lr=a.lr,

@@ -31,6 +31,14 @@ class AugmentConfig:
     # Share of views masked by a random imaged field; of those, the share with a rectangular (linear) field.
     field_p: float = 0.0
     field_linear_p: float = 0.3
+    # Before a view gets its random field, fill the black outside the frame's own field with tissue-like
+    # noise, so the random field replaces the frame's field instead of cutting into it: two views of one
+    # frame then share no field shape at all (without it they share the frame's black corners).
+    field_fill: bool = False
+    # Smooth multiplicative gain field (time-gain compensation, attenuation, a patient's coarse tissue
+    # texture): exp of a random coarse map (4x4, bilinear) plus a linear ramp over depth, both with this std.
+    shading_p: float = 0.0
+    shading_std: float = 0.3
 
 
 WEAK = AugmentConfig(scale=(0.7, 1.0), max_rotation_deg=8.0, speckle_p=0.2, blur_p=0.1, cutout_p=0.0)
@@ -57,6 +65,46 @@ def field_masks(n: int, size: int, linear_p: float, device: torch.device) -> tor
     rect = ((u - cx).abs() <= width) & (v >= top) & (v <= bottom)
     linear = (torch.rand(n, device=device) < linear_p).view(n, 1, 1)
     return torch.where(linear, rect, sector).unsqueeze(1).float()
+
+
+def own_field(x: torch.Tensor, level: float = 2.5 / 255) -> torch.Tensor:
+    """The imaged field of frames x [n,1,S,S] in 0..1, as a 0/1 mask: in each row, from the first to the last
+    pixel above ``level``. Sectors and rectangles are convex, so every row of the field is one run; fluid
+    touching the field's edge may fall outside, which only means it is refilled too."""
+    n, _, h, w = x.shape
+    on = x[:, 0] > level
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    first = torch.where(on, cols, w).amin(dim=2, keepdim=True)
+    last = torch.where(on, cols, -1).amax(dim=2, keepdim=True)
+    return ((cols >= first) & (cols <= last)).unsqueeze(1).float()
+
+
+def tissue_fill(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """x with the outside of ``field`` replaced by noise of the field's own mean and spread (coarse blobs plus
+    grain), so nothing about the old field's shape is left."""
+    n, _, h, w = x.shape
+    area = field.sum(dim=(1, 2, 3), keepdim=True).clamp(min=1.0)
+    mean = (x * field).sum(dim=(1, 2, 3), keepdim=True) / area
+    var = ((x - mean) ** 2 * field).sum(dim=(1, 2, 3), keepdim=True) / area
+    coarse = F.interpolate(
+        torch.randn(n, 1, max(2, h // 8), max(2, w // 8), device=x.device),
+        size=(h, w),
+        mode="bilinear",
+        align_corners=False,
+    )
+    noise = 0.6 * coarse + 0.8 * torch.randn_like(x)
+    fill = (mean + var.sqrt() * noise).clamp(0, 1)
+    return x * field + fill * (1 - field)
+
+
+def shading(n: int, size: int, std: float, device: torch.device) -> torch.Tensor:
+    """n smooth gain fields [n,1,S,S] around 1: a coarse random map and a ramp over depth (rows)."""
+    coarse = F.interpolate(
+        torch.randn(n, 1, 4, 4, device=device), size=(size, size), mode="bilinear", align_corners=True
+    )
+    depth = torch.linspace(-1, 1, size, device=device).view(1, 1, size, 1)
+    ramp = torch.randn(n, 1, 1, 1, device=device) * depth
+    return torch.exp(std * (coarse + ramp))
 
 
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -89,15 +137,31 @@ def augment(
         dim=1,
     )
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
     if cfg.field_p > 0:
         on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.field_p).float()
+        if cfg.field_fill:
+            # Views that get a new field: refill, then resample with reflection so no frame edge shows either.
+            filled = F.grid_sample(
+                tissue_fill(x, own_field(x)),
+                grid,
+                mode="bilinear",
+                padding_mode="reflection",
+                align_corners=False,
+            )
+            kept = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = on * filled + (1 - on) * kept
+        else:
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = x * (1 - on + on * field_masks(n, size, cfg.field_linear_p, dev))
+    else:
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     # Intensity: gain and gamma like a sonographer turning knobs.
     x = x.clamp(0, 1) ** _uniform(n, *cfg.gamma, dev).view(n, 1, 1, 1)
     x = x * _uniform(n, *cfg.gain, dev).view(n, 1, 1, 1)
+    if cfg.shading_p > 0:
+        on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.shading_p).float()
+        x = x * (1 - on + on * shading(n, size, cfg.shading_std, dev))
 
     if cfg.speckle_p > 0:
         on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.speckle_p).float()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from service.clean import CleanConfig
 from training.augment import STRONG, AugmentConfig
@@ -15,7 +15,8 @@ from training.augment import STRONG, AugmentConfig
 class SSLConfig(BaseModel):
     method: Literal["simclr", "barlowtwins", "dino"] = "simclr"
     backbone: str = "resnet18-half"
-    small_stem: bool = False
+    # ResNet stem (training/models.py): "imagenet" 7x7/2 + max-pool, "stride2" 3x3/2, "stride1" 3x3/1.
+    stem: Literal["imagenet", "stride2", "stride1"] = "imagenet"
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
@@ -48,6 +49,16 @@ class SSLConfig(BaseModel):
     teacher_momentum: float = 0.996
     center_momentum: float = 0.9
     freeze_last_layer_epochs: float = 1.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _small_stem(cls, data: Any) -> Any:
+        # Configs written before ``stem`` existed say ``small_stem: true/false``.
+        if isinstance(data, dict) and "small_stem" in data:
+            data = dict(data)
+            small = data.pop("small_stem")
+            data.setdefault("stem", "stride1" if small else "imagenet")
+        return data
 
 
 class ClusterConfig(BaseModel):
@@ -107,7 +118,7 @@ PRESETS: dict[str, dict] = {
     # Seconds on a laptop CPU: the CI and unit-test configuration.
     "smoke": {
         "clean": {"size": 32},
-        "ssl": {"backbone": "resnet18-quarter", "small_stem": True, "epochs": 1, "batch_size": 32},
+        "ssl": {"backbone": "resnet18-quarter", "stem": "stride1", "epochs": 1, "batch_size": 32},
         "cluster": {"num_clusters": 4, "num_heads": 2, "neighbors": 5, "epochs": 5, "batch_size": 64},
         "selflabel": {"epochs": 1, "batch_size": 64, "threshold": 0.5},
     },
@@ -117,7 +128,7 @@ PRESETS: dict[str, dict] = {
         # Small batches and many steps: on 2 cores the number of updates, not the batch, limits SimCLR.
         "ssl": {
             "backbone": "resnet18-quarter",
-            "small_stem": False,
+            "stem": "imagenet",
             "epochs": 40,
             "batch_size": 64,
             "lr": 2e-3,

@@ -24,18 +24,28 @@ class BasicBlock(nn.Module):
         return F.relu(out + (x if self.short is None else self.short(x)))
 
 
+STEMS = ("imagenet", "stride2", "stride1")
+
+
 class ResNet(nn.Module):
     """ResNet18 layout (2-2-2-2 basic blocks) with a width knob: width=64 is the standard ResNet18.
 
     One input channel: ultrasound is gray, and a 3-channel stem would only triple the first conv's cost.
-    ``small_stem`` replaces the 7x7/2 conv + max-pool by a 3x3/1 conv for inputs of 64 px and below.
+    ``stem``: "imagenet" is the 7x7/2 conv + max-pool (features at 1/32 of the input); "stride2" a 3x3/2 conv
+    (1/16: small structures of a 64-px frame survive, about 2.4x the compute); "stride1" a 3x3/1 conv (1/8,
+    as CIFAR ResNets; about 11x).
     """
 
-    def __init__(self, width: int = 64, in_chans: int = 1, small_stem: bool = False):
+    def __init__(self, width: int = 64, in_chans: int = 1, stem: str = "imagenet"):
         super().__init__()
-        if small_stem:
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem {stem!r}; choose from {', '.join(STEMS)}")
+        if stem in ("stride1", "stride2"):
+            stride = 1 if stem == "stride1" else 2
             self.stem = nn.Sequential(
-                nn.Conv2d(in_chans, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+                nn.Conv2d(in_chans, width, 3, stride, 1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
             )
         else:
             self.stem = nn.Sequential(
@@ -68,7 +78,7 @@ BACKBONES = {
 }
 
 
-def build_backbone(name: str, *, small_stem: bool = False, img_size: int = 224) -> nn.Module:
+def build_backbone(name: str, *, stem: str = "imagenet", img_size: int = 224) -> nn.Module:
     """A backbone by name; every backbone exposes ``out_dim`` and maps [N,1,S,S] to features [N,out_dim]."""
     if name.startswith("vit"):
         from training.vit import build_vit
@@ -78,7 +88,7 @@ def build_backbone(name: str, *, small_stem: bool = False, img_size: int = 224) 
         factory = BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} or vit-*") from None
-    return factory(small_stem=small_stem)
+    return factory(stem=stem)
 
 
 class ProjectionMLP(nn.Module):

@@ -131,7 +131,7 @@ def build_method(cfg: SSLConfig, clean: CleanConfig) -> SSLMethod:
         METHODS["dino"] = DINO
     if cfg.method not in METHODS:
         raise ValueError(f"unknown SSL method {cfg.method!r}; choose from {sorted(METHODS) + ['dino']}")
-    backbone = build_backbone(cfg.backbone, small_stem=cfg.small_stem, img_size=clean.size)
+    backbone = build_backbone(cfg.backbone, stem=cfg.stem, img_size=clean.size)
     return METHODS[cfg.method](backbone, cfg, clean)
 
 

@@ -7,7 +7,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.augment import STRONG, WEAK, AugmentConfig, augment, field_masks  # noqa: E402
+from training.augment import (  # noqa: E402
+    STRONG,
+    WEAK,
+    AugmentConfig,
+    augment,
+    field_masks,
+    own_field,
+    tissue_fill,
+)
 from training.config import build_config  # noqa: E402
 
 
@@ -75,3 +83,89 @@ def test_views_are_normalised_and_finite():
     assert bool(torch.isfinite(out).all())
     assert float(out.min()) >= (0 - 0.5) / 0.25 - 1e-6 and float(out.max()) <= (1 - 0.5) / 0.25 + 1e-6
     assert not math.isclose(float(out.std()), 0.0)
+
+
+def _narrow_field_frames(n: int = 64, size: int = 32) -> torch.Tensor:
+    """Frames whose own field is the middle third of the columns (black at both sides), textured inside."""
+    torch.manual_seed(3)
+    frames = torch.zeros((n, size, size), dtype=torch.uint8)
+    frames[:, :, size // 3 : 2 * size // 3] = torch.randint(60, 200, (n, size, 2 * size // 3 - size // 3)).to(
+        torch.uint8
+    )
+    return frames
+
+
+def test_own_field_is_each_rows_run_of_signal():
+    frames = _narrow_field_frames(4)
+    x = frames.float().unsqueeze(1) / 255.0
+    x[0, 0, 10, 12:14] = 0.0  # dark fluid inside the field stays inside: the run spans it
+    field = own_field(x)
+    assert field.shape == x.shape
+    expected = torch.zeros(32, 32)
+    expected[:, 32 // 3 : 2 * 32 // 3] = 1.0
+    for i in range(4):
+        assert torch.equal(field[i, 0], expected)
+    # An empty row has no field.
+    x[1, 0, 5] = 0.0
+    assert float(own_field(x)[1, 0, 5].sum()) == 0.0
+
+
+def test_tissue_fill_keeps_the_field_and_fills_the_rest_like_it():
+    torch.manual_seed(4)
+    frames = _narrow_field_frames(8)
+    x = frames.float().unsqueeze(1) / 255.0
+    field = own_field(x)
+    out = tissue_fill(x, field)
+    assert torch.equal(out * field, x * field)  # the field itself is untouched
+    outside = out[field == 0]
+    inside = x[field == 1]
+    assert float((outside <= 1e-6).float().mean()) < 0.05  # nothing left black where the old field ended
+    assert abs(float(outside.mean()) - float(inside.mean())) < 0.05
+    assert 0.5 < float(outside.std()) / float(inside.std()) < 2.0
+
+
+def test_field_fill_removes_the_frames_own_field_from_the_view():
+    """With the fill, a view's black pixels are those of its random field alone; without it, the frame's own
+    black sides show through the random field in every view."""
+    frames = _narrow_field_frames(64)
+    plain = dataclasses.replace(
+        STRONG, scale=(1.0, 1.0), max_rotation_deg=0.0, flip_p=0.0, cutout_p=0.0, speckle_p=0.0, blur_p=0.0
+    )
+    own_black = torch.ones(32, 32, dtype=torch.bool)
+    own_black[:, 32 // 3 : 2 * 32 // 3] = False
+    for fill, expect_black in ((False, True), (True, False)):
+        torch.manual_seed(5)
+        cfg = dataclasses.replace(plain, field_p=1.0, field_fill=fill)
+        views = augment(frames, cfg, mean=0.0, std=1.0)[:, 0]
+        black_in_own_sides = (views[:, own_black] <= 1e-6).float().mean()
+        if expect_black:  # (all but the edge pixels that resampling blends with the field)
+            assert float(black_in_own_sides) > 0.9
+        else:
+            # Only where the random field ends: far less than all of the frame's own black sides.
+            assert float(black_in_own_sides) < 0.6
+
+
+def test_shading_is_a_smooth_gain_field_around_one():
+    from training.augment import shading
+
+    torch.manual_seed(6)
+    g = shading(64, 32, std=0.3, device=torch.device("cpu"))
+    assert g.shape == (64, 1, 32, 32) and bool((g > 0).all())
+    assert abs(float(g.log().mean())) < 0.1  # centred on a gain of 1
+    # Smooth: neighbouring pixels differ far less than the field varies over the frame.
+    step = (g[..., 1:] - g[..., :-1]).abs().mean()
+    spread = (g - g.mean(dim=(2, 3), keepdim=True)).abs().mean()
+    assert float(step) < 0.2 * float(spread)
+    # Views without shading keep their pixels: with shading_p 0, augment is unchanged by the field.
+    frames = torch.full((8, 32, 32), 128, dtype=torch.uint8)
+    flat = dataclasses.replace(
+        STRONG, field_p=0.0, speckle_p=0.0, blur_p=0.0, cutout_p=0.0, gain=(1.0, 1.0), gamma=(1.0, 1.0)
+    )
+    shaded = dataclasses.replace(flat, shading_p=1.0)
+    torch.manual_seed(7)
+    a = augment(frames, flat, mean=0.0, std=1.0)
+    torch.manual_seed(7)
+    b = augment(frames, shaded, mean=0.0, std=1.0)
+    inside = (a - 128 / 255).abs() < 1e-4  # away from the black the crop/rotation brings in
+    assert float(inside.float().mean()) > 0.5
+    assert float((b[inside] - a[inside]).abs().mean()) > 0.02

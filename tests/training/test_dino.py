@@ -159,12 +159,12 @@ def test_head_batch_norm_follows_the_backbone_unless_set():
     from training.models import build_backbone
 
     clean = CleanConfig(size=16)
-    resnet = build_backbone("resnet18-quarter", small_stem=True, img_size=16)
+    resnet = build_backbone("resnet18-quarter", stem="stride1", img_size=16)
     has_bn = lambda m: any(isinstance(x, torch.nn.BatchNorm1d) for x in m.student.head.mlp)  # noqa: E731
     assert has_bn(DINO(resnet, _tiny_cfg(), clean))
     assert not has_bn(DINO(_tiny_vit(), _tiny_cfg(), clean))
     assert has_bn(DINO(_tiny_vit(), _tiny_cfg(head_bn=True), clean))
-    resnet = build_backbone("resnet18-quarter", small_stem=True, img_size=16)
+    resnet = build_backbone("resnet18-quarter", stem="stride1", img_size=16)
     assert not has_bn(DINO(resnet, _tiny_cfg(head_bn=False), clean))
 
 

@@ -150,7 +150,7 @@ def test_cluster_step_and_self_labeling_resume_with_the_backbone(one_thread):
 
     def cluster_then_selflabel(resume_cluster=None, resume_selflabel=None):
         torch.manual_seed(0)
-        backbone = build_backbone("resnet18-quarter", small_stem=True, img_size=32)
+        backbone = build_backbone("resnet18-quarter", stem="stride1", img_size=32)
         states: dict = {"cluster": [], "selflabel": []}
         torch.manual_seed(123)  # a resumed loop must not depend on the random state it starts in
         head, info = train_cluster_heads(

@@ -15,7 +15,7 @@ def test_method_trains_and_embeds(method):
     cfg = SSLConfig(
         method=method,
         backbone="resnet18-quarter",
-        small_stem=True,
+        stem="stride1",
         epochs=2,
         batch_size=16,
         proj_hidden=64,
@@ -43,7 +43,7 @@ def test_self_label_trains_on_confident_samples_only():
     from training.selflabel import self_label
 
     clean = CleanConfig(size=32)
-    backbone = build_backbone("resnet18-quarter", small_stem=True).eval()
+    backbone = build_backbone("resnet18-quarter", stem="stride1").eval()
     head = torch.nn.Linear(backbone.out_dim, 3)
     frames = torch.randint(0, 255, (16, 32, 32), dtype=torch.uint8)
     before = head.weight.detach().clone()
