@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from service.clean import CleanConfig
-from training.augment import WEAK, augment
+from training.augment import augment
 from training.config import ClusterConfig
 from training.losses import fusc_loss
 from training.models import ClusterHeads, embed
@@ -34,7 +34,8 @@ def train_cluster_heads(
     """Train ``cfg.num_heads`` heads with the FUSC loss and return the one with the lowest final loss.
 
     Head-only (default): the heads read the fixed embeddings, which makes the step take seconds on a CPU.
-    With ``cfg.update_backbone`` the backbone is fine-tuned too, on weakly augmented frames.
+    With ``cfg.update_backbone`` the backbone is fine-tuned too (at ``cfg.backbone_lr``), on frames seen
+    through ``cfg.augment``.
 
     ``on_epoch(state)``: called after every ``checkpoint_every``-th epoch (0: never) with a CPU snapshot of
     the heads, the fine-tuned backbone (else None), the optimiser, the data-order generator, the global
@@ -45,12 +46,12 @@ def train_cluster_heads(
     g = torch.Generator().manual_seed(seed)
     n, dim = embeddings.shape
     heads = ClusterHeads(dim, cfg.num_clusters, cfg.num_heads).to(device)
-    params = list(heads.parameters())
+    groups = [{"params": list(heads.parameters())}]
     finetune = cfg.update_backbone and backbone is not None and frames is not None and clean is not None
     if finetune:
         backbone.train()
-        params += list(backbone.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=1e-4)
+        groups.append({"params": list(backbone.parameters()), "lr": cfg.backbone_lr or cfg.lr})
+    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=1e-4)
     emb = torch.as_tensor(embeddings, device=device)
     nbrs = torch.as_tensor(neighbors)
     batch = min(cfg.batch_size, n)
@@ -75,8 +76,8 @@ def train_cluster_heads(
             idx = perm[i * batch : (i + 1) * batch]
             pick = nbrs[idx, torch.randint(nbrs.shape[1], (len(idx),), generator=g)]
             if finetune:
-                xa = augment(frames[idx].to(device), WEAK, clean.mean, clean.std)
-                xn = augment(frames[pick].to(device), WEAK, clean.mean, clean.std)
+                xa = augment(frames[idx].to(device), cfg.augment, clean.mean, clean.std)
+                xn = augment(frames[pick].to(device), cfg.augment, clean.mean, clean.std)
                 za, zn = embed(backbone, xa), embed(backbone, xn)
             else:
                 za, zn = emb[idx.to(device)], emb[pick.to(device)]

@@ -71,6 +71,10 @@ class ClusterConfig(BaseModel):
     # Head-only training reads unit-norm embeddings: a high rate lets the logits grow to confident values.
     lr: float = 1e-2
     update_backbone: bool = False
+    # With update_backbone: the backbone's own rate (None: ``lr``) and the views both images of a pair are
+    # seen through (strong, as SCAN's step; measured on phantoms: strong views gain where weak ones do not).
+    backbone_lr: float | None = None
+    augment: AugmentConfig = STRONG
     # Over-clustering (paper Table 3): > 0 trains a second, head-only set of heads with this many clusters
     # on the same embeddings and neighbours, evaluated beside the main K (0: off).
     overcluster: int = 0

@@ -1,0 +1,54 @@
+"""The cluster step's backbone fine-tuning: its own learning rate and its own views."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from service.clean import CleanConfig  # noqa: E402
+from training.augment import STRONG, WEAK  # noqa: E402
+from training.cluster import train_cluster_heads  # noqa: E402
+from training.config import ClusterConfig, build_config  # noqa: E402
+from training.models import build_backbone  # noqa: E402
+
+
+def _finetune(backbone_lr):
+    clean, cpu = CleanConfig(size=32), torch.device("cpu")
+    frames = torch.randint(
+        0, 255, (16, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    emb = F.normalize(torch.randn(16, 128, generator=torch.Generator().manual_seed(2)), dim=1).numpy()
+    nbrs = np.stack([np.roll(np.arange(16), k) for k in (1, 2)], 1)
+    cfg = ClusterConfig(
+        num_clusters=3,
+        num_heads=2,
+        epochs=2,
+        batch_size=8,
+        lr=1e-2,
+        update_backbone=True,
+        backbone_lr=backbone_lr,
+    )
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet18-quarter", stem="stride1", img_size=32)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    head, _ = train_cluster_heads(emb, nbrs, cfg, cpu, 0, backbone, frames, clean)
+    weights = [k for k in before if k.endswith("weight")]
+    moved = max(float((backbone.state_dict()[k] - before[k]).abs().max()) for k in weights)
+    return moved, head
+
+
+def test_backbone_learns_at_its_own_rate():
+    frozen, head = _finetune(backbone_lr=1e-12)
+    assert frozen < 1e-6  # the backbone's weights stay put ...
+    assert float(head.weight.detach().abs().sum()) > 0  # ... while the heads train at lr
+    moving, _ = _finetune(backbone_lr=1e-3)
+    assert moving > 1e-4
+
+
+def test_finetuning_views_are_strong_by_default_and_configurable():
+    assert ClusterConfig().augment == STRONG
+    assert ClusterConfig().backbone_lr is None
+    cfg = build_config("gpu-paper", cluster={"augment": {"field_p": 0.0, "max_rotation_deg": 8.0}})
+    assert cfg.cluster.update_backbone and cfg.cluster.augment.max_rotation_deg == 8.0
+    assert cfg.cluster.augment != WEAK and cfg.cluster.augment.field_p == 0.0
