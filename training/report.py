@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_ROWS = ("fusc", "fusc_cluster_step", "kmeans_embeddings", "kmeans_raw_pixels")
+METRIC_ROWS = (
+    "fusc",
+    "fusc_cluster_step",
+    "kmeans_embeddings",
+    "kmeans_ssl_embeddings",
+    "kmeans_raw_pixels",
+)
 
 
 def _fmt(x: float | int) -> str:

@@ -96,8 +96,12 @@ def evaluate(
     k: int,
     seed: int,
     coarse: dict[str, str] | None = None,
+    ssl_embeddings: np.ndarray | None = None,
 ) -> dict:
     """Per labelled source: metrics of each prediction, of k-means on the embeddings and on raw pixels.
+
+    ``ssl_embeddings``: when the backbone was fine-tuned after SSL, its embeddings before that, scored with
+    k-means too (``kmeans_ssl_embeddings``), so the cluster step is compared with both.
 
     With a ``coarse`` map that merges some of a source's labels, the same predictions are also scored
     against the coarse views (``res["coarse"]``, paper Table 2).
@@ -112,6 +116,10 @@ def evaluate(
         kk = min(k, int(sel.sum()))
         scored = {name: pred[sel] for name, pred in preds.items()}
         scored["kmeans_embeddings"] = KMeans(kk, n_init=10, random_state=seed).fit_predict(embeddings[sel])
+        if ssl_embeddings is not None:
+            scored["kmeans_ssl_embeddings"] = KMeans(kk, n_init=10, random_state=seed).fit_predict(
+                ssl_embeddings[sel]
+            )
         scored["kmeans_raw_pixels"] = KMeans(kk, n_init=10, random_state=seed).fit_predict(
             raw_pixels(frames[sel])
         )
@@ -609,6 +617,7 @@ def run_single(
             cfg.cluster.num_clusters,
             cfg.seed,
             coarse,
+            ssl_embeddings=emb_ssl[idx] if emb is not emb_ssl else None,
         )
 
     labelled = np.array([lab is not None for lab in labels])

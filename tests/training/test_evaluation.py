@@ -146,3 +146,20 @@ def test_seeds_report_shows_mean_and_std(tmp_path):
     assert "[report](seed-1/report.html)" in md
     page = (tmp_path / "report.html").read_text()
     assert "<td>0.900 ± 0.141</td>" in page and 'href="seed-0/report.html"' in page
+
+
+def test_evaluate_scores_the_ssl_embeddings_too_when_the_backbone_was_fine_tuned():
+    from training.run import evaluate
+
+    labels = ["a", "a", "a", "b", "b", "b"]
+    # Fine-tuned embeddings separate the two labels; the SSL embeddings before fine-tuning split across them.
+    tuned = np.array([[1, 0], [1, 0.1], [0.9, 0], [0, 1], [0.1, 1], [0, 0.9]], np.float32)
+    ssl = np.array([[1, 0], [0, 1], [1, 0.1], [0.1, 1], [0.9, 0], [0, 0.9]], np.float32)
+    frames = np.random.default_rng(0).integers(0, 255, (6, 32, 32), dtype=np.uint8)
+    pred = np.array([0, 0, 0, 1, 1, 1])
+    r = evaluate({"fusc": pred}, tuned, frames, labels, ["s"] * 6, 2, 0, ssl_embeddings=ssl)["s"]
+    assert r["kmeans_embeddings"]["purity"] == 1.0
+    assert r["kmeans_ssl_embeddings"]["purity"] == pytest.approx(4 / 6)
+    assert (
+        "kmeans_ssl_embeddings" not in evaluate({"fusc": pred}, tuned, frames, labels, ["s"] * 6, 2, 0)["s"]
+    )
