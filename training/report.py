@@ -207,8 +207,19 @@ def write_report(run_dir: Path) -> Path:
         f"SSL: {config['ssl']['method']} on {config['ssl']['backbone']}, {config['ssl']['epochs']} epochs, "
         f"input {config['clean']['size']} px; K = {k}; {config['cluster']['neighbors']} neighbours; "
         f"entropy weight {config['cluster']['entropy_weight']}; "
-        f"self-labeling {config['selflabel']['epochs']} epochs at p ≥ {config['selflabel']['threshold']}. "
-        f"Wall time {summary['seconds']} s.",
+        + (
+            "backbone fine-tuned in the cluster step "
+            f"(rate {config['cluster'].get('backbone_lr') or config['cluster']['lr']}); "
+            if config["cluster"].get("update_backbone")
+            else ""
+        )
+        + f"self-labeling {config['selflabel']['epochs']} epochs at p ≥ {config['selflabel']['threshold']}. "
+        f"Wall time {summary['seconds']} s"
+        + (
+            f" (this invocation only: {', '.join(summary['resumed_stages'])} loaded from checkpoints)."
+            if summary.get("resumed_stages")
+            else "."
+        ),
         "",
     ]
     health = q.get("ssl_health")
@@ -238,8 +249,9 @@ def write_report(run_dir: Path) -> Path:
         lines += [
             f"## Over-clustering (K = {oc['k']})",
             "",
-            f"A second set of heads with K = {oc['k']}, trained head-only on the same embeddings and "
-            f"neighbours as the main K = {oc['k_main']} (cluster step only, no self-labeling); "
+            f"A second set of heads with K = {oc['k']}, trained head-only on the SSL embeddings and the "
+            f"neighbours the main K = {oc['k_main']} heads were trained with (cluster step only, no "
+            "backbone fine-tuning, no self-labeling); "
             f"{oc['filled_clusters_train']} of its clusters hold training images.",
             "",
         ]

@@ -278,6 +278,7 @@ class Checkpoints:
     """
 
     def __init__(self, run_dir: Path, data_fingerprint: str, resume: bool, write: bool = True):
+        self.resumed: list[str] = []  # stages (or their epoch snapshots) loaded instead of trained
         self.dir = Path(run_dir) / "checkpoints"
         self.resume, self.write = resume, write
         meta = self.dir / "meta.json"
@@ -299,6 +300,7 @@ class Checkpoints:
         if not (self.resume and path.exists()):
             return None
         print(f"{stage}: resumed from {path}")
+        self.resumed.append(stage)
         if self.write:  # left by a run killed between writing the stage's file and removing this one
             self._epoch_path(stage).unlink(missing_ok=True)
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -310,6 +312,7 @@ class Checkpoints:
             return None
         state = torch.load(path, map_location="cpu", weights_only=False)
         print(f"{stage}: resumed from {path} after epoch {state['epoch']}")
+        self.resumed.append(f"{stage} (from epoch {state['epoch']})")
         return state
 
     @staticmethod
@@ -675,7 +678,12 @@ def run_single(
             "quality": quality,
         },
     )
-    summary = {"seconds": round(time.time() - t0, 1), "card_version": card.version, "quality": quality}
+    summary = {
+        "seconds": round(time.time() - t0, 1),
+        "resumed_stages": ckpt.resumed,
+        "card_version": card.version,
+        "quality": quality,
+    }
     # Everything the report needs, so it can be re-made without re-training.
     extra = {"overcluster": preds["fusc_overcluster"]} if overcluster else {}
     np.savez_compressed(
