@@ -46,7 +46,7 @@ format: setup-dev
 	$(VENV)/bin/ruff format service training tests
 	$(VENV)/bin/ruff check --fix service training tests
 
-# Rebuilds the bundled demonstration model in model_repository/ (about 10 minutes on 2 CPU cores).
+# Rebuilds the bundled demonstration model in model_repository/ (about 15 minutes on 2 CPU cores).
 train-bundled: setup-dev
 	$(PY) -m training train --preset cpu-small \
 	  --data csv:../shared/data/hc18 --data csv:../shared/data/fetal_planes_db \

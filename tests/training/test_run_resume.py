@@ -83,6 +83,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(phantom_dir, uninterrupted
     resumed = run(cfg, out_b, run_b, resume=True, report=False)
     log = capsys.readouterr().out
     assert "ssl: resumed" in log and "cluster: resumed" in log and "selflabel: resumed" not in log
+    assert resumed["resumed_stages"] == ["ssl", "cluster"]  # what the report names as loaded
+    assert uninterrupted[0]["resumed_stages"] == []
     assert _checkpoint_files(run_b) == ["cluster.pt", "overcluster.pt", "selflabel.pt", "ssl.pt"]
     assert "overcluster" in np.load(run_b / "outputs.npz").files
     _assert_same_run(uninterrupted, (resumed, run_b, out_b))
@@ -106,6 +108,7 @@ def test_run_stopped_within_stages_resumes_bit_identically(phantom_dir, uninterr
     resumed = run(cfg, out_b, run_b, resume=True, report=False)
     log = capsys.readouterr().out
     assert "ssl: resumed" in log and "cluster-epoch.pt after epoch 2" in log
+    assert resumed["resumed_stages"] == ["ssl", "cluster (from epoch 2)"]
     assert _checkpoint_files(run_b) == ["cluster.pt", "overcluster.pt", "selflabel.pt", "ssl.pt"]
     _assert_same_run(uninterrupted, (resumed, run_b, out_b))
 
