@@ -1,10 +1,8 @@
 """The cluster step's backbone fine-tuning: its own learning rate and its own views."""
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
 
 from service.clean import CleanConfig  # noqa: E402
 from training.augment import STRONG, WEAK  # noqa: E402
@@ -13,13 +11,9 @@ from training.config import ClusterConfig, build_config  # noqa: E402
 from training.models import build_backbone  # noqa: E402
 
 
-def _finetune(backbone_lr):
+def _finetune(inputs, backbone_lr):
+    frames, emb, nbrs = inputs
     clean, cpu = CleanConfig(size=32), torch.device("cpu")
-    frames = torch.randint(
-        0, 255, (16, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
-    )
-    emb = F.normalize(torch.randn(16, 128, generator=torch.Generator().manual_seed(2)), dim=1).numpy()
-    nbrs = np.stack([np.roll(np.arange(16), k) for k in (1, 2)], 1)
     cfg = ClusterConfig(
         num_clusters=3,
         num_heads=2,
@@ -38,11 +32,11 @@ def _finetune(backbone_lr):
     return moved, head
 
 
-def test_backbone_learns_at_its_own_rate():
-    frozen, head = _finetune(backbone_lr=1e-12)
+def test_backbone_learns_at_its_own_rate(tiny_cluster_inputs):
+    frozen, head = _finetune(tiny_cluster_inputs, backbone_lr=1e-12)
     assert frozen < 1e-6  # the backbone's weights stay put ...
     assert float(head.weight.detach().abs().sum()) > 0  # ... while the heads train at lr
-    moving, _ = _finetune(backbone_lr=1e-3)
+    moving, _ = _finetune(tiny_cluster_inputs, backbone_lr=1e-3)
     assert moving > 1e-4
 
 

@@ -140,14 +140,10 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cluster_step_and_self_labeling_resume_with_the_backbone(one_thread):
+def test_cluster_step_and_self_labeling_resume_with_the_backbone(one_thread, tiny_cluster_inputs):
     """Fine-tuning the backbone too: heads, backbone, optimiser and random state all continue exactly."""
     clean, cpu = CleanConfig(size=32), torch.device("cpu")
-    frames = torch.randint(
-        0, 255, (16, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
-    )
-    emb = F.normalize(torch.randn(16, 128, generator=torch.Generator().manual_seed(2)), dim=1).numpy()
-    nbrs = np.stack([np.roll(np.arange(16), k) for k in (1, 2)], 1)
+    frames, emb, nbrs = tiny_cluster_inputs
     cluster = ClusterConfig(num_clusters=3, num_heads=2, epochs=2, batch_size=8, update_backbone=True)
     selflabel = SelfLabelConfig(epochs=3, threshold=0.0, batch_size=8, update_backbone=True)
 
