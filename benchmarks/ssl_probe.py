@@ -30,7 +30,7 @@ from training.config import SSLConfig
 from training.data import ImageList, load_frames, read_csv_layout, subject_split
 from training.knn import mine_neighbors, neighbor_accuracy
 from training.metrics import cluster_metrics, raw_pixels
-from training.models import build_backbone
+from training.models import STEMS, build_backbone
 from training.phantoms import GENERATOR_VERSION, generate_dataset
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--mode", choices=["ssl", "sup"], default="ssl")
     p.add_argument("--method", default="simclr")
     p.add_argument("--backbone", default="resnet18-quarter")
-    p.add_argument("--stem", default="imagenet", choices=["imagenet", "stride2", "stride1"])
+    p.add_argument("--stem", default="imagenet", choices=STEMS)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -137,24 +137,21 @@ def augment(
         dim=1,
     )
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    frames = x
+    x = F.grid_sample(frames, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.field_p > 0:
         on = (torch.rand(n, 1, 1, 1, device=dev) < cfg.field_p).float()
         if cfg.field_fill:
             # Views that get a new field: refill, then resample with reflection so no frame edge shows either.
             filled = F.grid_sample(
-                tissue_fill(x, own_field(x)),
+                tissue_fill(frames, own_field(frames)),
                 grid,
                 mode="bilinear",
                 padding_mode="reflection",
                 align_corners=False,
             )
-            kept = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            x = on * filled + (1 - on) * kept
-        else:
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = on * filled + (1 - on) * x
         x = x * (1 - on + on * field_masks(n, size, cfg.field_linear_p, dev))
-    else:
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     # Intensity: gain and gamma like a sonographer turning knobs.
     x = x.clamp(0, 1) ** _uniform(n, *cfg.gamma, dev).view(n, 1, 1, 1)

@@ -50,7 +50,7 @@ def train_cluster_heads(
     finetune = cfg.update_backbone and backbone is not None and frames is not None and clean is not None
     if finetune:
         backbone.train()
-        groups.append({"params": list(backbone.parameters()), "lr": cfg.backbone_lr or cfg.lr})
+        groups.append({"params": list(backbone.parameters()), "lr": cfg.backbone_rate})
     opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=1e-4)
     emb = torch.as_tensor(embeddings, device=device)
     nbrs = torch.as_tensor(neighbors)

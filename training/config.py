@@ -76,8 +76,13 @@ class ClusterConfig(BaseModel):
     backbone_lr: float | None = None
     augment: AugmentConfig = STRONG
     # Over-clustering (paper Table 3): > 0 trains a second, head-only set of heads with this many clusters
-    # on the same embeddings and neighbours, evaluated beside the main K (0: off).
+    # on the SSL embeddings and the main K's neighbours, evaluated beside the main K (0: off).
     overcluster: int = 0
+
+    @property
+    def backbone_rate(self) -> float:
+        """The backbone's learning rate when it is fine-tuned (0 is a valid choice: frozen)."""
+        return self.lr if self.backbone_lr is None else self.backbone_lr
 
 
 class SelfLabelConfig(BaseModel):

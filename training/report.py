@@ -22,6 +22,12 @@ METRIC_ROWS = (
 )
 
 
+def _backbone_rate(cluster: dict) -> float:
+    """ClusterConfig.backbone_rate from a saved config, without importing torch for a report."""
+    rate = cluster.get("backbone_lr")
+    return cluster["lr"] if rate is None else rate
+
+
 def _fmt(x: float | int) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
@@ -208,8 +214,7 @@ def write_report(run_dir: Path) -> Path:
         f"input {config['clean']['size']} px; K = {k}; {config['cluster']['neighbors']} neighbours; "
         f"entropy weight {config['cluster']['entropy_weight']}; "
         + (
-            "backbone fine-tuned in the cluster step "
-            f"(rate {config['cluster'].get('backbone_lr') or config['cluster']['lr']}); "
+            f"backbone fine-tuned in the cluster step (rate {_backbone_rate(config['cluster'])}); "
             if config["cluster"].get("update_backbone")
             else ""
         )

@@ -46,3 +46,12 @@ def test_finetuning_views_are_strong_by_default_and_configurable():
     cfg = build_config("gpu-paper", cluster={"augment": {"field_p": 0.0, "max_rotation_deg": 8.0}})
     assert cfg.cluster.update_backbone and cfg.cluster.augment.max_rotation_deg == 8.0
     assert cfg.cluster.augment != WEAK and cfg.cluster.augment.field_p == 0.0
+
+
+def test_a_backbone_rate_of_zero_means_frozen_not_the_heads_rate():
+    from training.report import _backbone_rate
+
+    assert ClusterConfig(lr=1e-2).backbone_rate == 1e-2
+    assert ClusterConfig(lr=1e-2, backbone_lr=0.0).backbone_rate == 0.0
+    assert _backbone_rate({"lr": 1e-2, "backbone_lr": 0.0}) == 0.0
+    assert _backbone_rate({"lr": 1e-2}) == 1e-2
