@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from service.clean import CleanConfig
-from training.augment import STRONG, WEAK
-from training.cluster import predict, train_cluster_heads
+from training.cluster.fusc import predict, train_cluster_heads
+from training.cluster.knn import mine_neighbors, neighbor_accuracy
 from training.config import ClusterConfig, TrainConfig
-from training.knn import mine_neighbors, neighbor_accuracy
-from training.metrics import cluster_metrics
+from training.data.augment import STRONG, WEAK
+from training.evaluate.metrics import cluster_metrics
+from training.methods.base import compute_embeddings
 from training.models import build_backbone
-from training.ssl import compute_embeddings
 
 
 def main() -> None:

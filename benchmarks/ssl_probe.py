@@ -23,15 +23,15 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 
-import training.augment as augment_module
-import training.ssl as ssl_module
+import training.data.augment as augment_module
+import training.methods.base as ssl_module
 from service.clean import CleanConfig
+from training.cluster.knn import mine_neighbors, neighbor_accuracy
 from training.config import SSLConfig
-from training.data import ImageList, load_frames, read_csv_layout, subject_split
-from training.knn import mine_neighbors, neighbor_accuracy
-from training.metrics import cluster_metrics, raw_pixels
+from training.data.phantoms import GENERATOR_VERSION, generate_dataset
+from training.data.readers import ImageList, load_frames, read_csv_layout, subject_split
+from training.evaluate.metrics import cluster_metrics, raw_pixels
 from training.models import STEMS, build_backbone
-from training.phantoms import GENERATOR_VERSION, generate_dataset
 
 
 def main() -> None:

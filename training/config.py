@@ -9,13 +9,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from service.clean import CleanConfig
-from training.augment import STRONG, AugmentConfig
+from training.data.augment import STRONG, AugmentConfig
 
 
 class SSLConfig(BaseModel):
     method: Literal["simclr", "barlowtwins", "dino"] = "simclr"
     backbone: str = "resnet18-half"
-    # ResNet stem (training/models.py): "imagenet" 7x7/2 + max-pool, "stride2" 3x3/2, "stride1" 3x3/1.
+    # ResNet stem (training/models/): "imagenet" 7x7/2 + max-pool, "stride2" 3x3/2, "stride1" 3x3/1.
     stem: Literal["imagenet", "stride2", "stride1"] = "imagenet"
     epochs: int = 30
     batch_size: int = 128
@@ -24,13 +24,14 @@ class SSLConfig(BaseModel):
     temperature: float = 0.1
     proj_hidden: int = 512
     proj_dim: int = 128
-    # The augmented views (training/augment.py); DINO replaces the crop scale with global_scale/local_scale.
+    # The augmented views (training/data/augment.py); DINO replaces the crop scale with
+    # global_scale/local_scale.
     augment: AugmentConfig = STRONG  # frozen: safe to share as a default
     # Clip the gradient norm (0: off); DINO uses 3.0.
     clip_grad: float = 0.0
     # BarlowTwins' off-diagonal weight.
     redundancy_weight: float = 5e-3
-    # DINO (training/dino.py): multi-crop views, a momentum teacher, centred and sharpened targets.
+    # DINO (training/methods/dino.py): multi-crop views, a momentum teacher, centred and sharpened targets.
     # Schedules given in epochs may be fractional; the defaults are DINO's ViT-S/16 settings.
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_crops: int = 6

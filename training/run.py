@@ -25,18 +25,19 @@ import torch
 from sklearn.cluster import KMeans
 
 from service.card import Provenance
-from training.cluster import predict, train_cluster_heads
+from training.cluster.fusc import predict, train_cluster_heads
+from training.cluster.knn import mine_neighbors, neighbor_accuracy
+from training.cluster.ood import calibrate_ood
+from training.cluster.selflabel import self_label
 from training.config import TrainConfig
-from training.data import ImageList, load_frames, read_csv_layout, read_spec, subject_split
+from training.data.readers import ImageList, load_frames, read_csv_layout, read_spec, subject_split
 from training.distributed import barrier, init_distributed, shutdown
+from training.evaluate.health import embedding_health
+from training.evaluate.metrics import cluster_metrics, coarse_map, mean_std, raw_pixels, to_coarse
 from training.export import write_model_repository
-from training.health import embedding_health
-from training.knn import mine_neighbors, neighbor_accuracy
-from training.metrics import cluster_metrics, coarse_map, mean_std, raw_pixels, to_coarse
+from training.loop import checkpoint_due
+from training.methods import compute_embeddings, train_ssl
 from training.models import build_backbone
-from training.ood import calibrate_ood
-from training.selflabel import self_label
-from training.ssl import checkpoint_due, compute_embeddings, train_ssl
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def gather(cfg: TrainConfig) -> ImageList:
     for spec in cfg.data:
         images.extend(read_spec(spec, cache_dir=cfg.cache_dir))
     if cfg.phantoms:
-        from training.phantoms import GENERATOR_VERSION, generate_dataset
+        from training.data.phantoms import GENERATOR_VERSION, generate_dataset
 
         root = cfg.cache_dir / f"phantoms-v{GENERATOR_VERSION}-n{cfg.phantoms}-s{cfg.phantom_seed}"
         if not (root / "labels.csv").exists():
@@ -413,7 +414,7 @@ def run(
     }
     (run_dir / "seeds.json").write_text(json.dumps(aggregate, indent=2, default=float))
     if report:
-        from training.report import write_seeds_report
+        from training.evaluate.report import write_seeds_report
 
         path = write_seeds_report(run_dir)
         print(f"{len(cfg.seeds)} seeds; aggregate report: {path}")
@@ -703,7 +704,7 @@ def run_single(
         run_dir / "checkpoint.pt",
     )
     if report:
-        from training.report import write_report
+        from training.evaluate.report import write_report
 
         write_report(run_dir)
     print(f"model repository written to {out} in {summary['seconds']} s; report: {run_dir / 'report.md'}")

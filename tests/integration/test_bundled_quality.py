@@ -25,7 +25,7 @@ def test_bundled_repository_is_complete_and_small():
 
 @pytest.mark.skipif(not (FPDB / "labels.csv").exists(), reason="../shared/data/fetal_planes_db is absent")
 def test_bundled_model_beats_raw_pixel_kmeans_on_real_planes(tmp_path: Path):
-    from training.eval_service import evaluate_service
+    from training.evaluate.service import evaluate_service
 
     assert (BUNDLED_REPOSITORY / CARD_FILENAME).is_file()
     for server in start_server(BUNDLED_REPOSITORY, tmp_path):

@@ -39,7 +39,7 @@ def hc18_image() -> bytes:
 
 def phantom_image(view: str = "brain", seed: int = 7) -> bytes:
     try:
-        from training.phantoms import generate
+        from training.data.phantoms import generate
     except ImportError:  # the phantom generator is optional for the service; fall back to a plain drawing
         return png_bytes(synthetic_frame(seed, 240, 320))
     return png_bytes(generate(seed, view).image)

@@ -13,7 +13,7 @@ import pytest
 from service.card import ModelCard
 from service.clean import CleanConfig, clean_frame, colour_mask, preprocess, remove_overlays
 from service.decode import ColourFrame, decode_image
-from training.phantoms import iter_phantoms
+from training.data.phantoms import iter_phantoms
 
 TOLERANCE_PX = 2
 

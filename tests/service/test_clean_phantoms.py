@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from service.clean import CleanConfig, overlay_mask, remove_overlays
-from training.phantoms import Phantom, iter_phantoms
+from training.data.phantoms import Phantom, iter_phantoms
 
 TOLERANCE_PX = 2  # Chebyshev distance: the overlay mask itself is grown by a 5x5 square
 WORD = re.compile(r"[A-Za-z]{3,}")
@@ -98,7 +98,7 @@ def test_overlay_mask_precision_on_phantoms(phantoms) -> None:
 # ---------------------------------------------------------------------------------------------- OCR
 def _ocr_words(images: list[np.ndarray], phantoms: list[Phantom]) -> list[list[str]]:
     """Words of 3+ letters tesseract reads in each image, on every line where text was drawn."""
-    from training import ocr
+    from training.data import ocr
 
     crops, owner = [], []
     cfg = ocr.LineConfig()
@@ -165,7 +165,7 @@ def ocr_rates(n: int, seed: int) -> OcrRates:
 
 
 def _needs_tesseract() -> None:
-    from training import ocr
+    from training.data import ocr
 
     if not ocr.tesseract_available():
         pytest.skip(

@@ -7,7 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.augment import (  # noqa: E402
+from training.config import build_config  # noqa: E402
+from training.data.augment import (  # noqa: E402
     STRONG,
     WEAK,
     AugmentConfig,
@@ -16,7 +17,6 @@ from training.augment import (  # noqa: E402
     own_field,
     tissue_fill,
 )
-from training.config import build_config  # noqa: E402
 
 
 def test_field_masks_are_sectors_and_rectangles_of_plausible_size():
@@ -146,7 +146,7 @@ def test_field_fill_removes_the_frames_own_field_from_the_view():
 
 
 def test_shading_is_a_smooth_gain_field_around_one():
-    from training.augment import shading
+    from training.data.augment import shading
 
     torch.manual_seed(6)
     g = shading(64, 32, std=0.3, device=torch.device("cpu"))

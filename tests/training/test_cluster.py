@@ -5,9 +5,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from service.clean import CleanConfig  # noqa: E402
-from training.augment import STRONG, WEAK  # noqa: E402
-from training.cluster import train_cluster_heads  # noqa: E402
+from training.cluster.fusc import train_cluster_heads  # noqa: E402
 from training.config import ClusterConfig, build_config  # noqa: E402
+from training.data.augment import STRONG, WEAK  # noqa: E402
 from training.models import build_backbone  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def test_finetuning_views_are_strong_by_default_and_configurable():
 
 
 def test_a_backbone_rate_of_zero_means_frozen_not_the_heads_rate():
-    from training.report import _backbone_rate
+    from training.evaluate.report import _backbone_rate
 
     assert ClusterConfig(lr=1e-2).backbone_rate == 1e-2
     assert ClusterConfig(lr=1e-2, backbone_lr=0.0).backbone_rate == 0.0

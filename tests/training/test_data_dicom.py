@@ -12,7 +12,7 @@ from pydicom.uid import generate_uid
 from service.clean import CleanConfig
 from service.decode import decode_image
 from tests.service.test_decode import _dataset, _save
-from training.data import SUBJECT_KEY_FILE, load_frames, read_spec
+from training.data.readers import SUBJECT_KEY_FILE, load_frames, read_spec
 
 PATIENTS = ("DOE^JANE", "ROE^RICHARD")
 IDS = ("PID-778812", "PID-990213")

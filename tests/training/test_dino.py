@@ -10,9 +10,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 from service.clean import CleanConfig  # noqa: E402
 from training.config import SSLConfig  # noqa: E402
-from training.dino import DINO, dino_loss, teacher_momentum, update_center  # noqa: E402
-from training.ssl import compute_embeddings, train_ssl  # noqa: E402
-from training.vit import VisionTransformer  # noqa: E402
+from training.methods.base import compute_embeddings, train_ssl  # noqa: E402
+from training.methods.dino import DINO, dino_loss, teacher_momentum, update_center  # noqa: E402
+from training.models.vit import VisionTransformer  # noqa: E402
 
 
 def _tiny_cfg(**kw) -> SSLConfig:
@@ -171,7 +171,7 @@ def test_head_batch_norm_follows_the_backbone_unless_set():
 def test_head_batch_norm_spreads_nearly_identical_features():
     # Features with a large shared component (as pooled ReLU features of a ResNet at the start): without
     # normalisation the head gives every image almost the same logits; with it they differ.
-    from training.dino import DINOHead
+    from training.methods.dino import DINOHead
 
     torch.manual_seed(0)
     feats = 5.0 + 0.05 * torch.randn(64, 32)

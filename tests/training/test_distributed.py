@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("torch")
 
 from service.card import load_card  # noqa: E402
-from training.phantoms import generate_dataset  # noqa: E402
+from training.data.phantoms import generate_dataset  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from training.metrics import COARSE_VIEWS, coarse_map, flatten_numbers, mean_std, to_coarse
+from training.evaluate.metrics import COARSE_VIEWS, coarse_map, flatten_numbers, mean_std, to_coarse
 
 pytest.importorskip("sklearn")
 
@@ -83,7 +83,7 @@ def test_mean_std_over_runs():
 
 
 def test_markdown_to_html_keeps_the_content():
-    from training.report import markdown_to_html
+    from training.evaluate.report import markdown_to_html
 
     md = "\n".join(
         [
@@ -115,7 +115,7 @@ def test_markdown_to_html_keeps_the_content():
 
 def test_seeds_report_shows_mean_and_std(tmp_path):
     from training.config import build_config
-    from training.report import write_seeds_report
+    from training.evaluate.report import write_seeds_report
 
     per_seed = {
         str(s): {

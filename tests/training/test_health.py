@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from training.health import effective_rank, embedding_health, mean_pair_cosine
+from training.evaluate.health import effective_rank, embedding_health, mean_pair_cosine
 
 
 def test_effective_rank_by_hand():

@@ -3,7 +3,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from training.knn import mine_neighbors, neighbor_accuracy  # noqa: E402
+from training.cluster.knn import mine_neighbors, neighbor_accuracy  # noqa: E402
 
 
 def test_neighbors_exclude_self_and_find_the_group():

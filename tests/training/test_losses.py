@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from training.losses import fusc_loss, nt_xent  # noqa: E402
+from training.methods.losses import fusc_loss, nt_xent  # noqa: E402
 
 
 def test_nt_xent_matches_hand_computation():
@@ -68,7 +68,7 @@ def test_nt_xent_falls_over_steps():
 
 
 def test_barlow_twins_matches_hand_computation():
-    from training.losses import barlow_twins_loss
+    from training.methods.losses import barlow_twins_loss
 
     # Two samples, two dims: standardised columns are +-1, so C = z1^T z2 / 2.
     z1 = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
@@ -78,7 +78,7 @@ def test_barlow_twins_matches_hand_computation():
 
 
 def test_barlow_twins_falls_over_steps():
-    from training.losses import barlow_twins_loss
+    from training.methods.losses import barlow_twins_loss
 
     torch.manual_seed(0)
     x = torch.randn(64, 12)

@@ -3,7 +3,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-from training.metrics import cluster_metrics, cluster_purity, hungarian_accuracy  # noqa: E402
+from training.evaluate.metrics import cluster_metrics, cluster_purity, hungarian_accuracy  # noqa: E402
 
 
 def test_purity_worked_example():
@@ -40,7 +40,7 @@ def test_single_cluster_has_zero_nmi():
 
 
 def test_ood_calibration_flags_far_embeddings():
-    from training.ood import calibrate_ood
+    from training.cluster.ood import calibrate_ood
 
     rng = np.random.default_rng(0)
     a = np.array([1.0, 0, 0, 0]) + 0.05 * rng.normal(size=(50, 4))

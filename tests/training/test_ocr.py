@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from training import ocr
-from training.phantoms import VIEW_ANNOTATION, generate_dataset, iter_phantoms
+from training.data import ocr
+from training.data.phantoms import VIEW_ANNOTATION, generate_dataset, iter_phantoms
 
 needs_tesseract = pytest.mark.skipif(
     not ocr.tesseract_available(),

@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.phantoms import VIEWS, Phantom, PhantomConfig, generate, generate_dataset, iter_phantoms, main
+from training.data.phantoms import (
+    VIEWS,
+    Phantom,
+    PhantomConfig,
+    generate,
+    generate_dataset,
+    iter_phantoms,
+    main,
+)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 from service.card import load_card  # noqa: E402
 from service.clean import preprocess  # noqa: E402
 from training.cli import main  # noqa: E402
-from training.phantoms import generate_dataset  # noqa: E402
+from training.data.phantoms import generate_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ torch = pytest.importorskip("torch")
 
 from service.clean import CleanConfig  # noqa: E402
 from training.config import SSLConfig  # noqa: E402
-from training.ssl import compute_embeddings, train_ssl  # noqa: E402
+from training.methods.base import compute_embeddings, train_ssl  # noqa: E402
 
 
 @pytest.mark.parametrize("method", ["simclr", "barlowtwins"])
@@ -30,7 +30,7 @@ def test_method_trains_and_embeds(method):
 
 
 def test_balanced_weights_are_inverse_counts():
-    from training.selflabel import balanced_weights
+    from training.cluster.selflabel import balanced_weights
 
     w = balanced_weights(torch.tensor([0, 0, 0, 1]), 3)
     # counts 3, 1, 0 -> 1/3, 1, 0, rescaled so present classes average to 1
@@ -38,9 +38,9 @@ def test_balanced_weights_are_inverse_counts():
 
 
 def test_self_label_trains_on_confident_samples_only():
+    from training.cluster.selflabel import self_label
     from training.config import SelfLabelConfig
     from training.models import build_backbone
-    from training.selflabel import self_label
 
     clean = CleanConfig(size=32)
     backbone = build_backbone("resnet18-quarter", stem="stride1").eval()

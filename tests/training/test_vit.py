@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from training.models import build_backbone  # noqa: E402
-from training.vit import VisionTransformer, build_vit  # noqa: E402
+from training.models.vit import VisionTransformer, build_vit  # noqa: E402
 
 
 @pytest.mark.parametrize(

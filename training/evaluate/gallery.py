@@ -1,7 +1,7 @@
 """Before/after gallery of cleaning on real images: each pair is the decoded frame with the detected overlay
 mask outlined in red, and the clean_frame output. A figure to look at, not a test.
 
-    python -m training.gallery [--data ../shared/data] [--out docs/cleaning_gallery.png]
+    python -m training.evaluate.gallery [--data ../shared/data] [--out docs/cleaning_gallery.png]
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ def gallery(items: list[tuple[Path, str]], cfg: CleanConfig, per_row: int = 4) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.gallery", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m training.evaluate.gallery", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "cleaning_gallery.png")
     args = ap.parse_args(argv)

@@ -11,10 +11,10 @@ from torch import nn
 from tqdm import tqdm
 
 from service.clean import CleanConfig
-from training.augment import augment, plain
 from training.config import SelfLabelConfig
+from training.data.augment import augment, plain
+from training.loop import checkpoint_due, rng_state, set_rng_state, snapshot
 from training.models import embed
-from training.ssl import checkpoint_due, rng_state, set_rng_state, snapshot
 
 
 def balanced_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:

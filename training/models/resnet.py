@@ -1,4 +1,4 @@
-"""Networks: the SSL backbone (a ResNet for 1-channel ultrasound), projection MLP and cluster heads."""
+"""ResNet18 for 1-channel ultrasound, with a width knob and a choice of stems."""
 
 from __future__ import annotations
 
@@ -69,53 +69,3 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-
-
-BACKBONES = {
-    "resnet18": lambda **kw: ResNet(width=64, **kw),
-    "resnet18-half": lambda **kw: ResNet(width=32, **kw),
-    "resnet18-quarter": lambda **kw: ResNet(width=16, **kw),
-}
-
-
-def build_backbone(name: str, *, stem: str = "imagenet", img_size: int = 224) -> nn.Module:
-    """A backbone by name; every backbone exposes ``out_dim`` and maps [N,1,S,S] to features [N,out_dim]."""
-    if name.startswith("vit"):
-        from training.vit import build_vit
-
-        return build_vit(name, img_size=img_size)
-    try:
-        factory = BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} or vit-*") from None
-    return factory(stem=stem)
-
-
-class ProjectionMLP(nn.Module):
-    def __init__(self, in_dim: int, hidden: int = 512, out_dim: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, out_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class ClusterHeads(nn.Module):
-    """Several linear heads over the L2-normalised embedding; training keeps the one with the lowest loss."""
-
-    def __init__(self, in_dim: int, num_clusters: int, num_heads: int = 5):
-        super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(in_dim, num_clusters) for _ in range(num_heads))
-
-    def forward(self, emb: torch.Tensor) -> list[torch.Tensor]:
-        return [h(emb) for h in self.heads]
-
-
-def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The served embedding: backbone features, L2-normalised (what kNN mining, heads and OOD all use)."""
-    return F.normalize(backbone(x), dim=1)

@@ -10,11 +10,11 @@ from torch import nn
 from tqdm import tqdm
 
 from service.clean import CleanConfig
-from training.augment import augment
 from training.config import ClusterConfig
-from training.losses import fusc_loss
+from training.data.augment import augment
+from training.loop import checkpoint_due, rng_state, set_rng_state, snapshot
+from training.methods.losses import fusc_loss
 from training.models import ClusterHeads, embed
-from training.ssl import checkpoint_due, rng_state, set_rng_state, snapshot
 
 
 def train_cluster_heads(

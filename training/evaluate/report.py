@@ -1,7 +1,7 @@
 """A run's report, as Markdown and as HTML beside it (same content, images by relative path): metric tables
 (fine labels, merged coarse views, over-clustering), per-cluster top-3 labels, loss curves, a t-SNE map and a
 gallery of each cluster's most and least confident images; for a run over several seeds, mean +- std of every
-metric. ``python -m training.report RUN_DIR``."""
+metric. ``python -m training.evaluate.report RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -209,7 +209,11 @@ def write_report(run_dir: Path) -> Path:
         "",
         f"Data: {', '.join(f'{s} ({n} images)' for s, n in src_counts.items())}; "
         f"{int(held.sum())} images of held-out subjects."
-        + (" Phantom images are synthetic, made by `training.phantoms`." if "phantoms" in src_counts else ""),
+        + (
+            " Phantom images are synthetic, made by `training.data.phantoms`."
+            if "phantoms" in src_counts
+            else ""
+        ),
         f"SSL: {config['ssl']['method']} on {config['ssl']['backbone']}, {config['ssl']['epochs']} epochs, "
         f"input {config['clean']['size']} px; K = {k}; {config['cluster']['neighbors']} neighbours; "
         f"entropy weight {config['cluster']['entropy_weight']}; "
@@ -467,7 +471,7 @@ def write_seeds_report(run_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.report", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m training.evaluate.report", description=__doc__)
     ap.add_argument("run_dir", type=Path)
     run_dir = ap.parse_args(argv).run_dir
     print(write_seeds_report(run_dir) if (run_dir / "seeds.json").exists() else write_report(run_dir))

@@ -964,7 +964,7 @@ def generate_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m training.phantoms", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m training.data.phantoms", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="output folder")
     ap.add_argument("--n", type=int, default=3000, help="number of images")
     ap.add_argument("--seed", type=int, default=0)

@@ -53,7 +53,7 @@ class View:
 
 
 # The 15 views of a second-trimester anatomy scan, after the FUSC paper; names of the phantom views
-# (training/phantoms.py) are reused so that pseudo-labels and phantom labels compare directly.
+# (training/data/phantoms.py) are reused so that pseudo-labels and phantom labels compare directly.
 TAXONOMY: tuple[View, ...] = (
     View("brain", "brain", "fetal head, plane not named (HC/BPD measured)",
          plane=("HC", "BPD", "HEAD", "BRAIN", "BIPARIETAL"), measure=("HC", "BPD", "OFD"), generic=True),
@@ -655,9 +655,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.decode import decode_image
     from service.errors import FuscError
-    from training.data import read_spec
+    from training.data.readers import read_spec
 
-    ap = argparse.ArgumentParser(prog="python -m training.ocr", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m training.data.ocr", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--data", action="append", required=True, help="kind:path (csv, fpdb, folder); repeatable"
     )

@@ -1,6 +1,6 @@
 """Evaluate a running (or self-started) fusc service on a labelled image set, against k-means on raw pixels.
 
-    python -m training.eval_service --data csv:../shared/data/fetal_planes_db [--url http://127.0.0.1:3000]
+    python -m training.evaluate.service --data csv:../shared/data/fetal_planes_db [--url http://127.0.0.1:3000]
 
 Without ``--url`` it starts the real BentoML server on a free loopback port with ``--model-repository``
 and stops it at the end. Labels are read only here, for scoring; the service never sees them.
@@ -24,8 +24,8 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from service.decode import decode_image
-from training.data import read_spec
-from training.metrics import cluster_metrics, raw_pixels
+from training.data.readers import read_spec
+from training.evaluate.metrics import cluster_metrics, raw_pixels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,7 +114,7 @@ def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m training.eval_service",
+        prog="python -m training.evaluate.service",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.clean import CleanConfig
-from training.augment import augment
 from training.config import SSLConfig
-from training.ssl import SSLMethod
+from training.data.augment import augment
+from training.methods.base import SSLMethod
 
 
 def dino_loss(
@@ -95,7 +95,7 @@ class DINOHead(nn.Module):
         )
         for m in self.mlp:
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)  # as in training.vit
+                nn.init.normal_(m.weight, std=0.02)  # as in training.models.vit
                 nn.init.zeros_(m.bias)
         # Weight norm with the gain fixed at 1: only the directions of the prototypes are learnt.
         self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck))

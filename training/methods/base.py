@@ -1,19 +1,16 @@
 """Self-supervised pre-training of the backbone on cached, cleaned frames.
 
-The methods share one loop and differ in a small class each: how many views, which projector, which loss,
-and an optional hook after each optimiser step (DINO's teacher update). ``METHODS`` maps names to classes.
+The methods share one loop and differ in a small class each (one file per method in this package): how many
+views, which projector, which loss, and an optional hook after each optimiser step (DINO's teacher update).
 
 ``train_ssl`` (like the cluster step and self-labeling) can hand a snapshot of everything it needs to go on
 to ``on_epoch`` every few epochs, and continue from such a snapshot (``resume_state``) exactly as if it had
-never stopped; ``rng_state``, ``set_rng_state`` and ``snapshot`` are the pieces the three loops share.
+never stopped; ``training.loop`` holds the pieces the three loops share.
 """
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,51 +19,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from service.clean import CleanConfig
-from training.augment import augment, plain
 from training.config import SSLConfig
+from training.data.augment import augment, plain
 from training.distributed import current
-from training.losses import barlow_twins_loss, nt_xent
-from training.models import ProjectionMLP, build_backbone, embed
-
-
-def rng_state(device: torch.device | None = None) -> dict:
-    """The global random state: torch (CPU, and ``device``'s when it is a CUDA device), numpy, Python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def snapshot(obj: Any) -> Any:
-    """A copy of nested dicts, lists and tuples with every tensor detached and copied to the CPU: what an
-    epoch callback receives, so that later steps cannot change it and it loads on any device."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(snapshot(v) for v in obj)
-    return obj
-
-
-def checkpoint_due(epoch: int, every: int) -> bool:
-    """Whether an epoch callback runs after ``epoch`` (counted from 1): every ``every``-th one, 0 = never."""
-    return every > 0 and epoch % every == 0
-
-
-def cosine_schedule(step: int, total: int, base: float, warmup: int, final: float = 0.0) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * t))
+from training.loop import checkpoint_due, cosine_schedule, rng_state, set_rng_state, snapshot
+from training.models import embed
 
 
 class SSLMethod(nn.Module):
@@ -88,51 +45,6 @@ class SSLMethod(nn.Module):
 
     def after_step(self, step: int, total: int) -> None:
         """Called after each optimiser step (e.g. a momentum teacher); nothing by default."""
-
-
-class SimCLR(SSLMethod):
-    def __init__(self, backbone: nn.Module, cfg: SSLConfig, clean: CleanConfig):
-        super().__init__(backbone, cfg, clean)
-        self.projector = ProjectionMLP(backbone.out_dim, cfg.proj_hidden, cfg.proj_dim)
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        v1, v2 = self.views(x)
-        z = self.projector(self.backbone(torch.cat([v1, v2]))).float()
-        return nt_xent(z[: len(x)], z[len(x) :], self.cfg.temperature)
-
-
-class BarlowTwins(SSLMethod):
-    def __init__(self, backbone: nn.Module, cfg: SSLConfig, clean: CleanConfig):
-        super().__init__(backbone, cfg, clean)
-        h = cfg.proj_hidden
-        self.projector = nn.Sequential(
-            nn.Linear(backbone.out_dim, h),
-            nn.BatchNorm1d(h),
-            nn.ReLU(inplace=True),
-            nn.Linear(h, h),
-            nn.BatchNorm1d(h),
-            nn.ReLU(inplace=True),
-            nn.Linear(h, h),
-        )
-
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        v1, v2 = self.views(x)
-        z = self.projector(self.backbone(torch.cat([v1, v2]))).float()
-        return barlow_twins_loss(z[: len(x)], z[len(x) :], self.cfg.redundancy_weight)
-
-
-METHODS: dict[str, Callable[..., SSLMethod]] = {"simclr": SimCLR, "barlowtwins": BarlowTwins}
-
-
-def build_method(cfg: SSLConfig, clean: CleanConfig) -> SSLMethod:
-    if cfg.method == "dino" and "dino" not in METHODS:
-        from training.dino import DINO
-
-        METHODS["dino"] = DINO
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown SSL method {cfg.method!r}; choose from {sorted(METHODS) + ['dino']}")
-    backbone = build_backbone(cfg.backbone, stem=cfg.stem, img_size=clean.size)
-    return METHODS[cfg.method](backbone, cfg, clean)
 
 
 def train_ssl(
@@ -157,6 +69,8 @@ def train_ssl(
     g = torch.Generator().manual_seed(seed)  # the same permutation on every rank; each takes its share
     torch.manual_seed(seed)
     ranks = current()
+    from training.methods import build_method
+
     method = build_method(cfg, clean).to(device)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

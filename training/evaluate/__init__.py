@@ -1,0 +1,1 @@
+"""Evaluation: metrics, baselines, reports and galleries, embedding health, scoring through the service."""

@@ -1,0 +1,40 @@
+"""Networks: backbones (ResNet18, EfficientNet-Lite, ViT) that map [N,1,S,S] to features [N,D], and heads.
+
+``build_backbone`` builds one by name; ``embed`` is the served embedding (L2-normalised features).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models.heads import ClusterHeads, ProjectionMLP
+from training.models.resnet import STEMS, ResNet
+
+__all__ = ["BACKBONES", "STEMS", "ClusterHeads", "ProjectionMLP", "ResNet", "build_backbone", "embed"]
+
+
+BACKBONES = {
+    "resnet18": lambda **kw: ResNet(width=64, **kw),
+    "resnet18-half": lambda **kw: ResNet(width=32, **kw),
+    "resnet18-quarter": lambda **kw: ResNet(width=16, **kw),
+}
+
+
+def build_backbone(name: str, *, stem: str = "imagenet", img_size: int = 224) -> nn.Module:
+    """A backbone by name; every backbone exposes ``out_dim`` and maps [N,1,S,S] to features [N,out_dim]."""
+    if name.startswith("vit"):
+        from training.models.vit import build_vit
+
+        return build_vit(name, img_size=img_size)
+    try:
+        factory = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose from {sorted(BACKBONES)} or vit-*") from None
+    return factory(stem=stem)
+
+
+def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The served embedding: backbone features, L2-normalised (what kNN mining, heads and OOD all use)."""
+    return F.normalize(backbone(x), dim=1)
