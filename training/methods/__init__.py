@@ -38,5 +38,9 @@ def build_method(cfg: SSLConfig, clean: CleanConfig) -> SSLMethod:
 
     if cfg.method not in METHODS:
         raise ValueError(f"unknown SSL method {cfg.method!r}; choose from {sorted(METHODS)}")
-    backbone = build_backbone(cfg.backbone, stem=cfg.stem, img_size=clean.size)
+    backbone = build_backbone(cfg.backbone, stem=cfg.stem, img_size=clean.size, init=cfg.init)
+    if cfg.freeze_blocks:
+        if not hasattr(backbone, "freeze"):
+            raise ValueError(f"ssl.freeze_blocks is for EfficientNet-Lite backbones, not {cfg.backbone!r}")
+        backbone.freeze(cfg.freeze_blocks)
     return METHODS[cfg.method](backbone, cfg, clean)
