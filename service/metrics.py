@@ -38,7 +38,12 @@ CONFIDENCE = Histogram(
 )
 OOD = Counter(
     "fusc_ood_total",
-    "Images flagged out of distribution (far from every training cluster centroid).",
+    "Images flagged out of distribution (OOD score below the model card's threshold).",
+)
+VIEW_WITHHELD = Counter(
+    "fusc_view_withheld_total",
+    "Answers without a view name, by reason (out_of_distribution, cluster_unnamed, low_confidence).",
+    ["reason"],
 )
 ERRORS = Counter("fusc_errors_total", "Failures by stable error code.", ["code"])
 REQUESTS = Counter(
@@ -68,6 +73,10 @@ def count_request(endpoint: str, status: int) -> None:
 def record_assignment(cluster: int, confidence: float) -> None:
     CLUSTER_ASSIGNMENTS.labels(cluster=str(cluster)).inc()
     CONFIDENCE.observe(confidence)
+
+
+def count_view_withheld(reason: str) -> None:
+    VIEW_WITHHELD.labels(reason=reason).inc()
 
 
 def set_model_info(name: str, version: str, backend: str) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel
@@ -18,7 +20,7 @@ from service.backends import Backend, make_backend
 from service.card import ModelCard, load_card
 from service.clean import preprocess
 from service.decode import decode_image
-from service.errors import DecodeError, EmptyInputError, FuscError, ImageTooLargeError
+from service.errors import DecodeError, EmptyInputError, FuscError, ImageTooLargeError, ModelRepositoryError
 from service.settings import Settings
 
 logger = logging.getLogger("fusc.service")
@@ -48,11 +50,19 @@ class Timings(BaseModel):
     assign: float
 
 
+ViewReason = Literal["out_of_distribution", "cluster_unnamed", "low_confidence"]
+
+
 class ClusterResult(BaseModel):
+    """One image's answer. ``view`` is the cluster's name only when the image is in distribution, the
+    cluster is named and ``confidence`` reaches the card's ``naming.min_confidence``; otherwise it is null
+    and ``view_reason`` says why (the first that applies, in the order of ``ViewReason``)."""
+
     cluster: int
     confidence: float
     top: list[TopCluster]
     view: str | None
+    view_reason: ViewReason | None
     # Out of distribution: None when the model card carries no OOD calibration.
     ood: bool | None
     ood_score: float | None
@@ -89,7 +99,7 @@ class Prepared:
 @dataclass(frozen=True)
 class Inference:
     probs: np.ndarray  # float32 [N,K]
-    ood_score: np.ndarray  # float32 [N]: cosine similarity to the nearest training centroid (nan: none)
+    ood_score: np.ndarray  # float32 [N]: the card's OOD score (see OODCalibration); nan: no calibration
     embed_ms: float
     assign_ms: float
 
@@ -98,22 +108,85 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
+def load_ood_bank(repository: Path, card: ModelCard) -> np.ndarray | None:
+    """The ``knn_cosine`` bank as float32 [M, D] with unit-norm rows; None for cards without one.
+
+    The file's SHA-256 is checked by ``load_card``; its shape is checked here, so that a bank from another
+    model fails at start-up rather than in the first request.
+    """
+    if card.ood is None or card.ood.method != "knn_cosine":
+        return None
+    if card.ood.bank is None:
+        raise ModelRepositoryError("the model card asks for knn_cosine OOD scoring but names no bank")
+    path = Path(repository) / card.ood.bank.path
+    try:
+        bank = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ModelRepositoryError(f"the OOD bank {path} could not be read: {exc}") from exc
+    if bank.ndim != 2 or bank.shape[1] != card.embedding_dim or len(bank) == 0:
+        raise ModelRepositoryError(
+            f"the OOD bank {path} has shape {bank.shape}, the model card expects [M, {card.embedding_dim}]"
+        )
+    if len(bank) != card.ood.bank.count:
+        raise ModelRepositoryError(
+            f"the OOD bank {path} has {len(bank)} rows, the model card says {card.ood.bank.count}"
+        )
+    bank = bank.astype(np.float32)
+    if not np.isfinite(bank).all():
+        raise ModelRepositoryError(f"the OOD bank {path} holds non-finite values")
+    # Stored as float16, so rows are unit-norm only to about 1e-3; renormalised, a cosine stays <= 1.
+    bank /= np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    return bank
+
+
 class Pipeline:
     def __init__(
         self,
         card: ModelCard,
         backend: Backend,
         *,
+        repository: Path | None = None,
         max_bytes: int = 64 * 1024 * 1024,
         max_pixels: int = 50_000_000,
     ) -> None:
+        """``repository`` is where the card's files other than the ONNX models (the OOD bank) are read
+        from; a ``knn_cosine`` card needs it."""
         self.card = card
         self.backend = backend
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
         size = card.preprocess.size
         self.input_shape = (1, size, size)
-        self.centroids = np.asarray(card.ood.centroids, dtype=np.float32).T if card.ood is not None else None
+        self.centroids: np.ndarray | None = None  # float32 [D, K]: centroid_cosine
+        self.bank: np.ndarray | None = None  # float32 [M, D]: knn_cosine
+        ood = card.ood
+        if ood is not None and ood.method == "knn_cosine":
+            if repository is None:
+                raise ModelRepositoryError("knn_cosine OOD scoring needs the model repository for its bank")
+            self.bank = load_ood_bank(repository, card)
+        elif ood is not None:
+            centroids = np.asarray(ood.centroids, dtype=np.float32)
+            if centroids.ndim != 2 or centroids.shape[1] != card.embedding_dim or len(centroids) == 0:
+                raise ModelRepositoryError(
+                    f"the model card's OOD centroids have shape {centroids.shape}, "
+                    f"expected [K, {card.embedding_dim}]"
+                )
+            self.centroids = centroids.T
+
+    def ood_scores(self, emb: np.ndarray) -> np.ndarray:
+        """float32 [N]: each embedding's OOD score under the card's method; nan where the card has none."""
+        emb = np.asarray(emb, dtype=np.float32)
+        if self.bank is not None:
+            assert self.card.ood is not None
+            unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            sims = unit @ self.bank.T  # [N, M]: one product for the whole batch
+            k = min(self.card.ood.k, sims.shape[1])
+            # The k largest per row, unordered: partition is O(M), a full sort is not needed for a mean.
+            top = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
+            return top.mean(axis=1, dtype=np.float32)
+        if self.centroids is not None:
+            return (emb @ self.centroids).max(axis=1)
+        return np.full(len(emb), np.nan, np.float32)
 
     # Errors are counted in fusc_errors_total where they are answered (cluster() here, the HTTP layer in
     # the service), so that prepare() and infer() can be chained by either without counting twice.
@@ -161,10 +234,7 @@ class Pipeline:
         metrics.BATCH_SIZE.observe(len(x))
         metrics.observe_stage("embed", t1 - t0)
         metrics.observe_stage("assign", t2 - t1)
-        if self.centroids is not None:
-            ood_score = (np.asarray(emb, dtype=np.float32) @ self.centroids).max(axis=1)
-        else:
-            ood_score = np.full(len(x), np.nan, np.float32)
+        ood_score = self.ood_scores(emb)
         return Inference(probs=probs, ood_score=ood_score, embed_ms=_ms(t1 - t0), assign_ms=_ms(t2 - t1))
 
     def result(
@@ -179,9 +249,14 @@ class Pipeline:
         probs = np.asarray(probs, dtype=np.float32)
         ood: bool | None = None
         score: float | None = None
-        if self.card.ood is not None and np.isfinite(ood_score):
-            score = float(ood_score)
-            ood = score < self.card.ood.threshold
+        if self.card.ood is not None:
+            if np.isfinite(ood_score):
+                score = float(ood_score)
+                ood = score < self.card.ood.threshold
+            else:
+                # A calibrated model that could not score this embedding (non-finite model output) has no
+                # grounds to call the image in distribution.
+                ood = True
             if ood:
                 metrics.OOD.inc()
         # Stable sort: ties go to the lower cluster id, as argmax does.
@@ -189,14 +264,30 @@ class Pipeline:
         cluster = int(order[0])
         confidence = float(probs[cluster])
         metrics.record_assignment(cluster, confidence)
+        name = self.card.view_name(cluster)
+        reason: ViewReason | None = None
+        if ood:
+            reason = "out_of_distribution"
+        elif name is None:
+            reason = "cluster_unnamed"
+        elif confidence < self.card.naming.min_confidence:
+            reason = "low_confidence"
+        if reason is not None:
+            metrics.count_view_withheld(reason)
         return ClusterResult(
             cluster=cluster,
             confidence=confidence,
             top=[
-                TopCluster(cluster=int(c), probability=float(probs[c]), view=self.card.view_name(int(c)))
+                # A flagged image names no view at all, not even as a runner-up.
+                TopCluster(
+                    cluster=int(c),
+                    probability=float(probs[c]),
+                    view=None if ood else self.card.view_name(int(c)),
+                )
                 for c in order
             ],
-            view=self.card.view_name(cluster),
+            view=name if reason is None else None,
+            view_reason=reason,
             ood=ood,
             ood_score=score,
             model_version=self.card.version,
@@ -240,4 +331,10 @@ def load_pipeline(settings: Settings) -> Pipeline:
     """Card (hashes verified), backend, pipeline; an inconsistent repository raises ModelRepositoryError."""
     card = load_card(settings.model_repository, verify=True)
     backend = make_backend(settings, card)
-    return Pipeline(card, backend, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+    return Pipeline(
+        card,
+        backend,
+        repository=settings.model_repository,
+        max_bytes=settings.max_upload_bytes,
+        max_pixels=settings.max_pixels,
+    )

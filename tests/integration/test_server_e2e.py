@@ -17,7 +17,13 @@ import pytest
 
 from service.card import load_card
 from tests.integration.conftest import Server, start_server
-from tests.service.conftest import build_tiny_repository, png_bytes, reference_probs, synthetic_frame
+from tests.service.conftest import (
+    build_tiny_repository,
+    expected_view,
+    png_bytes,
+    reference_probs,
+    synthetic_frame,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -60,7 +66,9 @@ def assert_matches_reference(server: Server, body: dict, data: bytes) -> None:
         assert abs(t["probability"] - float(ref[t["cluster"]])) <= 1e-5
     card = load_card(server.repository)
     assert body["model_version"] == card.version
-    assert body["view"] == card.view_name(body["cluster"])
+    assert (body["view"], body["view_reason"]) == expected_view(card, body)
+    if body["ood"]:
+        assert all(t["view"] is None for t in body["top"])
 
 
 def test_real_hc18_image_matches_onnxruntime(server: Server) -> None:

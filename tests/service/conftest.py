@@ -26,6 +26,8 @@ from service.card import (  # noqa: E402
     HEAD_NAME,
     ModelCard,
     OnnxModel,
+    OODBank,
+    OODCalibration,
     Provenance,
     load_card,
     sha256_file,
@@ -128,6 +130,64 @@ def build_tiny_repository(
     )
     card.write(root)
     return root
+
+
+def tiny_embeddings(repo: Path, images: list[bytes]) -> np.ndarray:
+    """float32 [N, D]: the repository's backbone on each image, straight through onnxruntime."""
+    card = load_card(repo)
+    x = np.stack([preprocess(decode_image(d), card.preprocess) for d in images]).astype(np.float32)
+    backbone = ort.InferenceSession(str(card.backbone.path(repo)), providers=["CPUExecutionProvider"])
+    (emb,) = backbone.run([card.backbone.output_name], {card.backbone.input_name: x})
+    return emb
+
+
+def add_knn_ood(
+    repo: Path,
+    bank_images: list[bytes],
+    calibration_images: list[bytes],
+    *,
+    k: int = 3,
+    quantile: float = 0.05,
+    provenance: Provenance | None = None,
+) -> Path:
+    """Give ``repo`` a ``knn_cosine`` OOD check, the way training calibrates one: a float16 bank of the
+    ``bank_images`` embeddings, the threshold at ``quantile`` of the score of ``calibration_images``."""
+    repo = Path(repo)
+    bank = tiny_embeddings(repo, bank_images)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    path = repo / "ood_bank.npy"
+    np.save(path, bank.astype(np.float16))
+    stored = np.load(path).astype(np.float32)
+    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    calib = tiny_embeddings(repo, calibration_images)
+    sims = (calib / np.linalg.norm(calib, axis=1, keepdims=True)) @ stored.T
+    scores = np.sort(sims, axis=1)[:, -min(k, len(stored)) :].mean(axis=1)
+    card = load_card(repo)
+    ood = OODCalibration(
+        method="knn_cosine",
+        bank=OODBank(path=path.name, sha256=sha256_file(path), count=len(bank)),
+        k=k,
+        threshold=float(np.quantile(scores, quantile)),
+        quantile=quantile,
+        calibrated_on="tiny test images",
+    )
+    update: dict[str, object] = {"ood": ood}
+    if provenance is not None:
+        update["provenance"] = provenance
+    card.model_copy(update=update).write(repo)
+    return repo
+
+
+def expected_view(card: ModelCard, result: dict) -> tuple[str | None, str | None]:
+    """(view, view_reason) that the answer rule gives for an answer's cluster, confidence and OOD flag."""
+    name = card.view_name(result["cluster"])
+    if result["ood"]:
+        return None, "out_of_distribution"
+    if name is None:
+        return None, "cluster_unnamed"
+    if result["confidence"] < card.naming.min_confidence:
+        return None, "low_confidence"
+    return name, None
 
 
 def synthetic_frame(seed: int = 0, height: int = 120, width: int = 160) -> np.ndarray:

@@ -67,6 +67,7 @@ def test_cluster_one_image(client: TestClient, tiny_repo: Path, good_png: bytes)
         "confidence",
         "top",
         "view",
+        "view_reason",
         "ood",
         "ood_score",
         "model_version",

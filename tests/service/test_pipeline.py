@@ -15,7 +15,14 @@ from service.card import CARD_FILENAME, load_card
 from service.errors import BackendUnavailableError, FuscError, ModelRepositoryError
 from service.pipeline import ClusterResult, Pipeline, load_pipeline
 from service.settings import DEFAULT_MODEL_REPOSITORY, Settings, SettingsError
-from tests.service.conftest import TINY_K, TINY_NAMES, TINY_VERSION, BrokenBackend, reference_probs
+from tests.service.conftest import (
+    TINY_K,
+    TINY_NAMES,
+    TINY_VERSION,
+    BrokenBackend,
+    expected_view,
+    reference_probs,
+)
 
 TEXT = b"this is a plain text file, not an image\n" * 4
 
@@ -40,7 +47,7 @@ def test_single_image_matches_onnx_reference(pipeline: Pipeline, tiny_repo: Path
     for t in result.top:
         assert t.probability == pytest.approx(float(ref[t.cluster]), abs=1e-6)
         assert t.view == TINY_NAMES.get(t.cluster)
-    assert result.view == TINY_NAMES.get(result.cluster)
+    assert (result.view, result.view_reason) == expected_view(pipeline.card, result.model_dump())
     assert set(result.timings_ms.model_dump()) == {"decode", "clean", "embed", "assign"}
     assert all(v >= 0 for v in result.timings_ms.model_dump().values())
 
