@@ -31,80 +31,11 @@ import numpy as np
 
 from service.card import sha256_file
 from service.clean import CleanConfig, overlay_mask
+from service.taxonomy import FPDB_BRAIN_PLANES, OTHER, TAXONOMY, VIEWS, view_of_label
 
-
-# ------------------------------------------------------------------------------------------ taxonomy
-@dataclass(frozen=True)
-class View:
-    """One view of the taxonomy and the words that name it on screen.
-
-    ``plane`` words name the plane itself ("TT", "4CH", "SPINE"); ``measure`` words are measurements
-    usually taken on it ("BPD", "APD", "CL") or looser hints ("HEART") and count half as much. A word in
-    both lists ("HC", "FL") counts as a plane name when it stands alone and as a measurement when a number
-    follows it.
-    """
-
-    name: str
-    coarse: str
-    title: str
-    plane: tuple[str, ...] = ()
-    measure: tuple[str, ...] = ()
-    generic: bool = False  # a plane-less name of its coarse group: yields to a named sub-plane
-
-
-# The 15 views of a second-trimester anatomy scan, after the FUSC paper; names of the phantom views
-# (training/data/phantoms.py) are reused so that pseudo-labels and phantom labels compare directly.
-TAXONOMY: tuple[View, ...] = (
-    View("brain", "brain", "fetal head, plane not named (HC/BPD measured)",
-         plane=("HC", "BPD", "HEAD", "BRAIN", "BIPARIETAL"), measure=("HC", "BPD", "OFD"), generic=True),
-    View("brain_tv", "brain", "trans-ventricular plane",
-         plane=("TV", "TRANSVENTRICULAR", "TRANS VENTRICULAR", "VENTRICULAR", "VENTRICLES"),
-         measure=("VP", "LVW")),
-    View("brain_tt", "brain", "trans-thalamic plane",
-         plane=("TT", "TRANSTHALAMIC", "TRANS THALAMIC", "THALAMIC", "THALAMI")),
-    View("brain_tc", "brain", "trans-cerebellar plane",
-         plane=("TC", "TCB", "TRANSCEREBELLAR", "TRANS CEREBELLAR", "CEREBELLAR", "CEREBELLUM", "CEREB"),
-         measure=("TCD", "NF")),
-    View("thorax_4ch", "heart", "four-chamber view",
-         plane=("4CH", "4CV", "4 CHAMBER", "4CHAMBER", "FOUR CHAMBER", "FOURCH"),
-         measure=("TC", "CTR", "HEART")),
-    View("thorax_lvot", "heart", "left ventricular outflow tract",
-         plane=("LVOT", "5CH", "5 CHAMBER", "FIVE CHAMBER", "LV OUTFLOW", "AORTIC OUTFLOW")),
-    View("thorax_rvot", "heart", "right ventricular outflow tract",
-         plane=("RVOT", "RV OUTFLOW", "PULMONARY OUTFLOW")),
-    View("thorax_3vv", "heart", "three-vessel (and trachea) view",
-         plane=("3VV", "3VT", "3VTV", "3 VESSEL", "THREE VESSEL", "THREE VESSELS", "3 VESSELS")),
-    View("abdomen", "abdomen", "abdominal circumference plane",
-         plane=("AC", "ABDOMEN", "STOMACH"),
-         measure=("AC", "APD", "TAD", "AAD", "APAD", "TTD", "ABD", "ABDO")),
-    View("kidneys", "kidneys", "kidneys (transverse or coronal)",
-         plane=("KIDNEYS", "KIDNEY", "KIDS", "RENAL"), measure=("RPD", "APRPD")),
-    View("femur", "femur", "femur length plane", plane=("FL", "FEMUR"), measure=("FL",)),
-    View("spine", "spine", "spine (sagittal, coronal or axial)", plane=("SPINE", "SAG SPINE", "VERTEBRAE")),
-    View("profile", "face", "mid-sagittal face profile", plane=("PROFILE", "FACE", "SAG FACE", "NASAL BONE"),
-         measure=("NB", "NBL")),
-    View("lips", "face", "coronal view of nose and lips",
-         plane=("LIPS", "LIP", "UPPER LIP", "NOSE LIPS", "NOSE AND LIPS", "NOSE LIP", "MOUTH")),
-    View("cervix", "cervix", "maternal cervix", plane=("CERVIX", "CX", "CERV"), measure=("CL",)),
-)  # fmt: skip
-VIEWS: dict[str, View] = {v.name: v for v in TAXONOMY}
-
-# Dataset labels (FETAL_PLANES_DB, HC18, phantoms) -> the coarse group they can be compared at.
-LABEL_COARSE: dict[str, str] = {
-    "fetal brain": "brain",
-    "fetal abdomen": "abdomen",
-    "fetal femur": "femur",
-    "fetal thorax": "heart",
-    "maternal cervix": "cervix",
-    **{v.name: v.coarse for v in TAXONOMY},
-}
-# Brain sub-planes as FETAL_PLANES_DB names them.
-BRAIN_PLANE_VIEW: dict[str, str] = {
-    "trans-ventricular": "brain_tv",
-    "trans-thalamic": "brain_tt",
-    "trans-cerebellum": "brain_tc",
-}
-
+# ---------------------------------------------------------------------------------- views from text
+# The views and the words that name them on screen are service/taxonomy.py's: the phantom views are among
+# them, so that pseudo-labels and phantom labels compare directly.
 PLANE_WEIGHT = 2.0
 MEASURE_WEIGHT = 1.0
 FUZZY_MIN_LEN = 5  # words this long match with one edit (a dropped or misread letter)
@@ -211,7 +142,7 @@ def _lone_short_name(line: str) -> str | None:
 
 
 def view_scores(text: str) -> dict[str, float]:
-    """Evidence per view from OCR text: plane names count 2, measurements 1 (see :class:`View`)."""
+    """Evidence per view from OCR text: plane names count 2, measurements 1 (see taxonomy.View)."""
     scores: Counter[str] = Counter()
     for line in text.splitlines():
         short = _lone_short_name(line)
@@ -596,14 +527,19 @@ def pseudo_label(
 
 # -------------------------------------------------------------------------------------------- report
 def _reference(label: str | None, brain_plane: str | None) -> tuple[str | None, str | None]:
-    """(fine view, coarse group) that a dataset label can be compared at; None where it says nothing."""
-    if not label:
+    """(fine view, coarse group) that a dataset label can be compared at; None where it says nothing.
+
+    A label that names the plane (a view name, a brain sub-plane) is compared at both levels; a data set's
+    plane label ("Fetal brain", "Fetal thorax") only at its coarse group, unless the brain sub-plane column
+    names the plane. "Other" is no view that text on screen names: it says nothing.
+    """
+    view = view_of_label(label)
+    if view is None or view == OTHER.name:
         return None, None
-    key = label.strip().lower()
-    if key in VIEWS:
-        return key, VIEWS[key].coarse
-    fine = BRAIN_PLANE_VIEW.get((brain_plane or "").strip().lower())
-    return fine, LABEL_COARSE.get(key)
+    if label.strip().lower() == view or view in FPDB_BRAIN_PLANES.values():
+        return view, VIEWS[view].coarse
+    plane = view_of_label(brain_plane)
+    return plane if plane in FPDB_BRAIN_PLANES.values() else None, VIEWS[view].coarse
 
 
 def noise_report(

@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from service.taxonomy import PHANTOM_VIEWS
+
 # Annotation a sonographer types on each plane; drawn only when the caller asks the text to name the view.
 VIEW_ANNOTATION: dict[str, str] = {
     "brain": "HC",
@@ -32,7 +34,9 @@ VIEW_ANNOTATION: dict[str, str] = {
 }
 # Bump when the images a seed produces change, so cached phantom sets are regenerated.
 GENERATOR_VERSION = 3
-VIEWS: tuple[str, ...] = tuple(VIEW_ANNOTATION)
+# The views drawn, in the order they are planned (service/taxonomy.py).
+VIEWS: tuple[str, ...] = PHANTOM_VIEWS
+assert tuple(VIEW_ANNOTATION) == VIEWS
 
 # Echo strengths (linear amplitude before log compression). Ratios matter, not units: fluid ~ -54 dB,
 # soft tissue ~ -23 dB, interfaces ~ -12 dB, bone ~ 0 dB, as on a real B-mode image.

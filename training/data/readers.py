@@ -19,6 +19,7 @@ from tqdm import tqdm
 from service.clean import CleanConfig, clean_frame
 from service.decode import decode_image, sniff_format
 from service.errors import FuscError
+from service.taxonomy import FPDB_BRAIN, FPDB_BRAIN_PLANES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm"}
 
@@ -90,12 +91,10 @@ def read_folder(root: Path) -> ImageList:
     return out
 
 
-BRAIN_SUBPLANES = ("Trans-thalamic", "Trans-cerebellum", "Trans-ventricular")
-
-
 def fine_plane(plane: str, brain_plane: str | None) -> str:
-    """The brain sub-plane for a brain image that has one, else the plane itself."""
-    return brain_plane if plane == "Fetal brain" and brain_plane in BRAIN_SUBPLANES else plane
+    """The brain sub-plane for a brain image that has one (service.taxonomy.FPDB_BRAIN_PLANES), else the
+    plane itself."""
+    return brain_plane if plane == FPDB_BRAIN and brain_plane in FPDB_BRAIN_PLANES else plane
 
 
 def read_csv_layout_fine(root: Path) -> ImageList:

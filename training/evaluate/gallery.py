@@ -15,18 +15,13 @@ import numpy as np
 
 from service.clean import CleanConfig, clean_frame, overlay_mask
 from service.decode import decode_image
+from service.taxonomy import FPDB_BRAIN, FPDB_BRAIN_PLANES, FPDB_NOT_BRAIN, FPDB_PLANES
 
 ROOT = Path(__file__).resolve().parents[1]
 # FETAL_PLANES_DB (plane, brain sub-plane) -> how many to show: every plane the local copy has.
 FPDB_PICK = {
-    ("Fetal brain", "Trans-ventricular"): 2,
-    ("Fetal brain", "Trans-thalamic"): 2,
-    ("Fetal brain", "Trans-cerebellum"): 2,
-    ("Fetal abdomen", "Not A Brain"): 2,
-    ("Fetal femur", "Not A Brain"): 2,
-    ("Fetal thorax", "Not A Brain"): 2,
-    ("Maternal cervix", "Not A Brain"): 2,
-    ("Other", "Not A Brain"): 2,
+    **{(FPDB_BRAIN, sub): 2 for sub in FPDB_BRAIN_PLANES},
+    **{(plane, FPDB_NOT_BRAIN): 2 for plane in FPDB_PLANES if plane != FPDB_BRAIN},
 }
 HC18_COUNT = 8
 CELL = 220  # px height of each half of a pair
@@ -43,7 +38,7 @@ def pick(data: Path) -> list[tuple[Path, str]]:
             step = max(1, len(match) // k)
             for r in match[::step][:k]:
                 tag = f"FPDB {plane.replace('Fetal ', '').replace('Maternal ', '')}"
-                tag += f" {sub.replace('Trans-', 'T-')}" if plane == "Fetal brain" else ""
+                tag += f" {sub.replace('Trans-', 'T-')}" if plane == FPDB_BRAIN else ""
                 chosen.append((fpdb / "images" / r["filename"], tag))
     hc = sorted((data / "hc18" / "images").glob("*.png"))
     step = max(1, len(hc) // HC18_COUNT)

@@ -6,6 +6,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from service.taxonomy import MERGED_VIEWS
+
 
 def raw_pixels(frames, side: int = 32) -> np.ndarray:
     """The naive baseline's features: gray frames (any sizes) downscaled to side x side, in [0, 1]."""
@@ -48,22 +50,10 @@ def cluster_metrics(pred: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-# Paper Table 2 merges views that are sub-planes of one anatomy. Fine label -> coarse view; labels not listed
-# stay as they are. FETAL_PLANES_DB's brain sub-planes (``fpdb-fine``/``csv-fine`` data) merge into the
-# brain; the phantom views merge by body region. A JSON file given as ``coarse_map`` adds or overrides.
-COARSE_VIEWS: dict[str, str] = {
-    "Trans-thalamic": "Fetal brain",
-    "Trans-cerebellum": "Fetal brain",
-    "Trans-ventricular": "Fetal brain",
-    "brain": "head",
-    "profile": "head",
-    "abdomen": "abdomen",
-    "kidneys": "abdomen",
-    "thorax_4ch": "thorax",
-    "spine": "spine",
-    "femur": "femur",
-    "cervix": "cervix",
-}
+# Paper Table 2 merges views that are sub-planes of one anatomy: the default fine label -> coarse view map is
+# service.taxonomy.MERGED_VIEWS (labels not listed stay as they are). A JSON file given as ``coarse_map`` adds
+# or overrides.
+COARSE_VIEWS: dict[str, str] = dict(MERGED_VIEWS)
 
 
 def coarse_map(path=None) -> dict[str, str]:
