@@ -77,8 +77,14 @@ class ClusterConfig(BaseModel):
     entropy_weight: float = 5.0
     epochs: int = 100
     batch_size: int = 256
-    # Head-only training reads unit-norm embeddings: a high rate lets the logits grow to confident values.
+    # Head-only training reads fixed embeddings: a high rate lets the logits grow to confident values.
     lr: float = 1e-2
+    weight_decay: float = 1e-4
+    # Head-only: the heads see this many augmented views of each training image (embedded once, through
+    # ``augment``), an image's view paired with a view of one of its neighbours; 0: the plain embeddings.
+    views: int = Field(0, ge=0)
+    # Head-only: the heads read the embedding standardised per dimension (folded into the exported head).
+    standardize: bool = False
     update_backbone: bool = False
     # With update_backbone: the backbone's own rate (None: ``lr``) and the views both images of a pair are
     # seen through (strong, as SCAN's step; measured on phantoms: strong views gain where weak ones do not).
@@ -97,6 +103,9 @@ class ClusterConfig(BaseModel):
 class SelfLabelConfig(BaseModel):
     epochs: int = 10
     threshold: float = 0.99
+    # Head-only (``update_backbone`` false): confident images' augmented views, embedded once, this many per
+    # image (0: the cluster step's views when it had some, else the plain embeddings).
+    views: int = Field(0, ge=0)
     # The strongly augmented views whose predictions are trained towards the confident targets.
     augment: AugmentConfig = STRONG
     lr: float = 1e-4
@@ -114,12 +123,18 @@ class TrainConfig(BaseModel):
     data: list[str] = Field(default_factory=list)
     phantoms: int = 0
     phantom_seed: int = 0
+    # Phantom views to generate (empty: all of them); leaving one out gives an unseen view to test OOD with.
+    phantom_views: list[str] = Field(default_factory=list)
     test_fraction: float = 0.0
     clean: CleanConfig = Field(default_factory=CleanConfig)
     ssl: SSLConfig = Field(default_factory=SSLConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     selflabel: SelfLabelConfig = Field(default_factory=SelfLabelConfig)
     name_clusters_from_labels: bool = False
+    # An answer carries its cluster's view name only at this confidence or above (and in distribution).
+    naming_min_confidence: float = Field(0.9, ge=0, le=1)
+    # Share of held-out in-distribution images the OOD threshold flags.
+    ood_quantile: float = Field(0.02, gt=0, lt=1)
     cache_dir: Path = Path("runs/cache")
     # Held-out subjects are drawn with this seed (None: ``seed``); runs over several seeds share one split.
     split_seed: int | None = None

@@ -110,9 +110,16 @@ ensemble_scheduling {{
 
 
 def write_model_repository(
-    out: Path, backbone: nn.Module, head: nn.Linear, card_fields: dict, max_batch: int = 64
+    out: Path,
+    backbone: nn.Module,
+    head: nn.Linear,
+    card_fields: dict,
+    max_batch: int = 64,
+    ood_bank: np.ndarray | None = None,
 ) -> ModelCard:
-    """Write ``out/`` as a Triton model repository (backbone, head, ensemble) plus ``model_card.json``."""
+    """Write ``out/`` as a Triton model repository (backbone, head, ensemble) plus ``model_card.json``;
+    ``ood_bank``: the embeddings a ``knn_cosine`` OOD calibration (``card_fields["ood"]``) compares with,
+    written beside the card with its SHA-256."""
     out = Path(out)
     clean = card_fields["preprocess"]
     size = clean.size
@@ -144,6 +151,14 @@ def write_model_repository(
     (out / ENSEMBLE_NAME / "1" / ".gitkeep").touch()
     (out / ENSEMBLE_NAME / "config.pbtxt").write_text(_ensemble_pbtxt(size, dim, k, max_batch))
 
+    ood = card_fields.get("ood")
+    if ood is not None and ood.bank is not None:
+        if ood_bank is None:
+            raise ValueError("the OOD calibration names a bank file; pass its embeddings as ood_bank")
+        bank_path = out / ood.bank.path
+        np.save(bank_path, np.asarray(ood_bank, dtype=np.float16))
+        bank = ood.bank.model_copy(update={"sha256": sha256_file(bank_path), "count": len(ood_bank)})
+        card_fields = {**card_fields, "ood": ood.model_copy(update={"bank": bank})}
     card = ModelCard(embedding_dim=dim, num_clusters=k, backbone=bb, head=hd, **card_fields)
     card.write(out)
     return card

@@ -9,33 +9,47 @@ one. ``cfg.seeds`` runs the whole pipeline once per seed and writes mean +- std 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import platform
 import random
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
-from service.card import Provenance
-from training.cluster.fusc import predict, train_cluster_heads
+from service.card import Naming, Provenance
+from training.checkpoints import (
+    Checkpoints,
+    RunStopped,
+    _head,
+    _load_module,
+    _module_state,
+    check_resumable,
+    check_stop_after,
+    data_fingerprint,
+    parse_stop_after,
+)
+from training.cluster.fusc import augmented_embeddings, predict, train_cluster_heads
 from training.cluster.knn import mine_neighbors, neighbor_accuracy
-from training.cluster.ood import calibrate_ood
+from training.cluster.ood import calibrate_knn
 from training.cluster.selflabel import self_label
 from training.config import TrainConfig
+from training.data.phantoms import VIEWS as PHANTOM_VIEWS
 from training.data.readers import ImageList, load_frames, read_csv_layout, read_spec, subject_split
 from training.distributed import barrier, init_distributed, shutdown
 from training.evaluate.health import embedding_health
-from training.evaluate.metrics import cluster_metrics, coarse_map, mean_std, raw_pixels, to_coarse
+from training.evaluate.metrics import coarse_map, mean_std
+from training.evaluate.quality import (
+    confidence_summary,
+    evaluate,
+    linear_probe,
+    name_clusters,
+    selflabel_change,
+)
 from training.export import write_model_repository
-from training.loop import checkpoint_due
 from training.methods import compute_embeddings, train_ssl
 from training.models import build_backbone
 
@@ -77,294 +91,20 @@ def gather(cfg: TrainConfig) -> ImageList:
     for spec in cfg.data:
         images.extend(read_spec(spec, cache_dir=cfg.cache_dir))
     if cfg.phantoms:
-        from training.data.phantoms import GENERATOR_VERSION, generate_dataset
+        from training.data.phantoms import GENERATOR_VERSION, VIEWS, generate_dataset
 
-        root = cfg.cache_dir / f"phantoms-v{GENERATOR_VERSION}-n{cfg.phantoms}-s{cfg.phantom_seed}"
+        views = list(cfg.phantom_views or VIEWS)
+        unknown = sorted(set(views) - set(VIEWS))
+        if unknown:
+            raise SystemExit(f"unknown phantom views {unknown}; choose from {', '.join(VIEWS)}")
+        tag = "" if views == list(VIEWS) else "-" + "+".join(views)
+        root = cfg.cache_dir / f"phantoms-v{GENERATOR_VERSION}-n{cfg.phantoms}-s{cfg.phantom_seed}{tag}"
         if not (root / "labels.csv").exists():
-            generate_dataset(root, cfg.phantoms, seed=cfg.phantom_seed)
+            generate_dataset(root, cfg.phantoms, seed=cfg.phantom_seed, views=views)
         images.extend(read_csv_layout(root, name="phantoms"))
     if not len(images):
         raise SystemExit("no images: give --data and/or --phantoms")
     return images
-
-
-def evaluate(
-    preds: dict[str, np.ndarray],
-    embeddings: np.ndarray,
-    frames: np.ndarray,
-    labels: list,
-    sources: list,
-    k: int,
-    seed: int,
-    coarse: dict[str, str] | None = None,
-    ssl_embeddings: np.ndarray | None = None,
-) -> dict:
-    """Per labelled source: metrics of each prediction, of k-means on the embeddings and on raw pixels.
-
-    ``ssl_embeddings``: when the backbone was fine-tuned after SSL, its embeddings before that, scored with
-    k-means too (``kmeans_ssl_embeddings``), so the cluster step is compared with both.
-
-    With a ``coarse`` map that merges some of a source's labels, the same predictions are also scored
-    against the coarse views (``res["coarse"]``, paper Table 2).
-    """
-    out: dict = {}
-    labels_arr = np.array([lab if lab is not None else "" for lab in labels])
-    sources_arr = np.array(sources)
-    for source in sorted(set(sources)):
-        sel = (sources_arr == source) & (labels_arr != "")
-        if sel.sum() < 2 or len(set(labels_arr[sel])) < 2:
-            continue
-        kk = min(k, int(sel.sum()))
-        scored = {name: pred[sel] for name, pred in preds.items()}
-        scored["kmeans_embeddings"] = KMeans(kk, n_init=10, random_state=seed).fit_predict(embeddings[sel])
-        if ssl_embeddings is not None:
-            scored["kmeans_ssl_embeddings"] = KMeans(kk, n_init=10, random_state=seed).fit_predict(
-                ssl_embeddings[sel]
-            )
-        scored["kmeans_raw_pixels"] = KMeans(kk, n_init=10, random_state=seed).fit_predict(
-            raw_pixels(frames[sel])
-        )
-        res: dict = {"n": int(sel.sum()), "classes": int(len(set(labels_arr[sel])))}
-        res.update({name: cluster_metrics(pred, labels_arr[sel]) for name, pred in scored.items()})
-        if coarse:
-            coarse_labels = to_coarse(labels_arr[sel], coarse)
-            n_coarse = len(set(coarse_labels))
-            if 2 <= n_coarse < res["classes"]:
-                res["coarse"] = {
-                    "classes": n_coarse,
-                    **{name: cluster_metrics(pred, coarse_labels) for name, pred in scored.items()},
-                }
-        out[source] = res
-    return out
-
-
-def linear_probe(
-    embeddings: np.ndarray, frames: np.ndarray, labels: list, sources: list, held: np.ndarray, seed: int
-) -> dict[str, dict[str, float]]:
-    """Supervised upper bound: logistic regression on the frozen embeddings (and on raw pixels), fitted on
-    the training subjects' labels and scored on the held-out subjects, per labelled source."""
-    from sklearn.linear_model import LogisticRegression
-
-    out: dict[str, dict[str, float]] = {}
-    labels_arr = np.array([lab or "" for lab in labels])
-    sources_arr = np.array(sources)
-    for source in sorted(set(sources)):
-        sel = (sources_arr == source) & (labels_arr != "")
-        fit, test = sel & ~held, sel & held
-        if len(set(labels_arr[fit])) < 2 or test.sum() < 2:
-            continue
-        scores = {}
-        for name, feats in (("embeddings", embeddings), ("raw_pixels", raw_pixels(frames))):
-            x_fit, x_test = feats[fit], feats[test]
-            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(x_fit, labels_arr[fit])
-            scores[name] = float(clf.score(x_test, labels_arr[test]))
-        out[source] = scores
-    return out
-
-
-def name_clusters(pred: np.ndarray, labels: list, k: int, min_share: float = 0.6) -> dict[int, str]:
-    """Name a cluster after its majority label when that label holds ``min_share`` of its labelled members."""
-    names: dict[int, str] = {}
-    for c in range(k):
-        members = [labels[i] for i in np.flatnonzero(pred == c) if labels[i]]
-        if members:
-            values, counts = np.unique(members, return_counts=True)
-            if counts.max() / len(members) >= min_share:
-                names[c] = str(values[counts.argmax()])
-    return names
-
-
-# ------------------------------------------------------------------------------------ checkpoints, resume
-STAGES = ("ssl", "cluster", "selflabel", "overcluster")
-# Settings that may change between an interrupted run and its resumption: they do not change results.
-RESUME_FREE = ("threads", "checkpoint_every")
-
-
-class RunStopped(Exception):
-    """Raised when a run was asked to stop after a stage or an epoch of one (``stop_after``); its
-    checkpoint is written."""
-
-
-def stage_epochs(cfg: TrainConfig, stage: str) -> int:
-    return {
-        "ssl": cfg.ssl.epochs,
-        "cluster": cfg.cluster.epochs,
-        "selflabel": cfg.selflabel.epochs,
-        "overcluster": cfg.cluster.epochs,
-    }[stage]
-
-
-def parse_stop_after(stop_after: str | None) -> tuple[str | None, int | None]:
-    """``"ssl"`` -> ("ssl", None): after the stage; ``"ssl:2"`` -> ("ssl", 2): after its 2nd epoch."""
-    if stop_after is None:
-        return None, None
-    stage, colon, epoch = stop_after.partition(":")
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose from {', '.join(STAGES)}")
-    if not colon:
-        return stage, None
-    if not epoch.isdigit():
-        raise ValueError(f"stop after {stop_after!r}: give STAGE or STAGE:EPOCH with a whole number")
-    return stage, int(epoch)
-
-
-def check_stop_after(cfg: TrainConfig, stop_after: str | None) -> None:
-    """Refuse a ``stop_after`` that the configuration would never reach."""
-    stage, epoch = parse_stop_after(stop_after)
-    skipped = {"selflabel": cfg.selflabel.epochs <= 0, "overcluster": cfg.cluster.overcluster <= 0}
-    if skipped.get(stage or ""):
-        raise ValueError(f"this configuration has no {stage} stage to stop after")
-    if stage is None or epoch is None:
-        return
-    epochs = stage_epochs(cfg, stage)
-    if not 1 <= epoch <= epochs:
-        raise ValueError(f"the {stage} stage has {epochs} epoch(s); there is no epoch {epoch} to stop after")
-    if not checkpoint_due(epoch, cfg.checkpoint_every):
-        raise ValueError(
-            f"epoch {epoch} of the {stage} stage writes no checkpoint "
-            f"(checkpoint_every = {cfg.checkpoint_every}); stop after a multiple of it"
-        )
-
-
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two configuration dicts."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        path = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, path + ".")
-        elif a != b and path not in RESUME_FREE:
-            out.append(f"{path}: {a!r} -> {b!r}")
-    return out
-
-
-def check_resumable(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse to resume into a run folder that holds no run, or a run of another configuration."""
-    path = run_dir / "config.json"
-    if not path.exists():
-        raise SystemExit(f"--resume: {run_dir} holds no run to resume (no config.json)")
-    old = json.loads(path.read_text())
-    diff = config_differences(old, json.loads(cfg.model_dump_json()))
-    if diff:
-        raise SystemExit(
-            f"--resume: {run_dir} was started with another configuration ({'; '.join(diff)}); "
-            "resume with the same options, or start a new run (another --run-dir, or no --resume)"
-        )
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Checkpoints:
-    """One file per finished stage under ``run_dir/checkpoints``, with the random state the stage left
-    (``load`` a stage, rebuild its modules, then ``restore_rng``); while a stage runs, ``<stage>-epoch.pt``
-    holds its last epoch snapshot (``save_epoch``, ``load_epoch``), removed once the stage's file is written.
-
-    A fresh run (no ``resume``) starts by removing the stage files of an earlier run in the same folder.
-    A resumed run loads the finished stages instead of training them, after checking that the images are
-    the ones the interrupted run used (a fingerprint of their paths, labels and subjects).
-    """
-
-    def __init__(self, run_dir: Path, data_fingerprint: str, resume: bool, write: bool = True):
-        self.resumed: list[str] = []  # stages (or their epoch snapshots) loaded instead of trained
-        self.dir = Path(run_dir) / "checkpoints"
-        self.resume, self.write = resume, write
-        meta = self.dir / "meta.json"
-        if write and not resume and self.dir.exists():
-            shutil.rmtree(self.dir)
-        if resume and meta.exists():
-            old = json.loads(meta.read_text())["data"]
-            if old != data_fingerprint:
-                raise SystemExit(
-                    f"--resume: the images differ from those of the interrupted run in {run_dir}; "
-                    "start a new run instead"
-                )
-        if write:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            meta.write_text(json.dumps({"data": data_fingerprint}))
-
-    def load(self, stage: str) -> dict | None:
-        path = self.dir / f"{stage}.pt"
-        if not (self.resume and path.exists()):
-            return None
-        print(f"{stage}: resumed from {path}")
-        self.resumed.append(stage)
-        if self.write:  # left by a run killed between writing the stage's file and removing this one
-            self._epoch_path(stage).unlink(missing_ok=True)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-    def load_epoch(self, stage: str) -> dict | None:
-        """The last epoch snapshot of an unfinished stage, for its training loop's ``resume_state``."""
-        path = self._epoch_path(stage)
-        if not (self.resume and path.exists()):
-            return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        print(f"{stage}: resumed from {path} after epoch {state['epoch']}")
-        self.resumed.append(f"{stage} (from epoch {state['epoch']})")
-        return state
-
-    @staticmethod
-    def restore_rng(state: dict) -> None:
-        """Put back the random state the stage left; call it after rebuilding the stage's modules, whose
-        initialisation draws from the generator too."""
-        _set_rng_state(state["rng"])
-
-    def save(self, stage: str, state: dict) -> None:
-        if not self.write:
-            return
-        self._write(self.dir / f"{stage}.pt", {**state, "rng": _rng_state()})
-        self._epoch_path(stage).unlink(missing_ok=True)
-
-    def save_epoch(self, stage: str, state: dict) -> None:
-        """An epoch snapshot from a training loop's ``on_epoch`` (it holds its own random state)."""
-        if self.write:
-            self._write(self._epoch_path(stage), state)
-
-    def _epoch_path(self, stage: str) -> Path:
-        return self.dir / f"{stage}-epoch.pt"
-
-    @staticmethod
-    def _write(path: Path, state: dict) -> None:
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a run killed while saving leaves the previous file, never half of one
-
-
-def data_fingerprint(paths: list, labels: list, subjects: list) -> str:
-    blob = json.dumps([[str(p) for p in paths], [lab or "" for lab in labels], subjects])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _module_state(module: torch.nn.Module) -> dict:
-    return {
-        "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-        "requires_grad": [p.requires_grad for p in module.parameters()],
-    }
-
-
-def _load_module(module: torch.nn.Module, saved: dict) -> torch.nn.Module:
-    module.load_state_dict(saved["state"])
-    for p, flag in zip(module.parameters(), saved["requires_grad"], strict=True):
-        p.requires_grad_(flag)
-    return module.eval()
-
-
-def _head(saved: dict) -> torch.nn.Linear:
-    k, dim = saved["state"]["weight"].shape
-    return _load_module(torch.nn.Linear(dim, k), saved)
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -520,6 +260,14 @@ def run_single(
     if health["collapsed"]:
         log.warning("the SSL embedding looks collapsed: %s", "; ".join(health["reasons"]))
     nbrs = mine_neighbors(emb[train_idx], cfg.cluster.neighbors)
+    head_only = not cfg.cluster.update_backbone
+    views = (
+        augmented_embeddings(
+            backbone, frames[train_idx], cfg.cluster.augment, cfg.clean, device, cfg.cluster.views, cfg.seed
+        )
+        if head_only and cfg.cluster.views
+        else None
+    )
 
     saved = ckpt.load("cluster")
     if saved:
@@ -537,6 +285,7 @@ def run_single(
             backbone,
             frames[train_idx],
             cfg.clean,
+            views=views,
             **epochs_of("cluster"),
         )
         head = head.cpu()
@@ -550,7 +299,8 @@ def run_single(
         )
     if cfg.cluster.update_backbone:
         emb = compute_embeddings(backbone, frames, cfg.clean, device)
-    preds = {"fusc_cluster_step": predict(head, emb).argmax(1)}
+    probs_cluster_step = predict(head, emb)
+    preds = {"fusc_cluster_step": probs_cluster_step.argmax(1)}
 
     if cfg.selflabel.epochs > 0:
         saved = ckpt.load("selflabel")
@@ -560,6 +310,18 @@ def run_single(
                 _load_module(backbone, saved["backbone"])
             ckpt.restore_rng(saved)
         else:
+            sl_head_only = not cfg.selflabel.update_backbone
+            sl_views = views
+            if sl_head_only and (cfg.selflabel.views or views is None):
+                sl_views = augmented_embeddings(
+                    backbone,
+                    frames[train_idx],
+                    cfg.selflabel.augment,
+                    cfg.clean,
+                    device,
+                    cfg.selflabel.views or 4,
+                    cfg.seed + 1,
+                )
             info["selflabel"] = self_label(
                 backbone,
                 head,
@@ -568,6 +330,8 @@ def run_single(
                 cfg.clean,
                 device,
                 cfg.seed,
+                embeddings=emb[train_idx] if sl_head_only else None,
+                views=sl_views if sl_head_only else None,
                 **epochs_of("selflabel"),
             )
             finished(
@@ -625,6 +389,7 @@ def run_single(
         )
 
     labelled = np.array([lab is not None for lab in labels])
+    probs = predict(head, emb)
     quality = {
         "train_transductive": split_eval(~held),
         "heldout_inductive": split_eval(held) if held.any() else {},
@@ -637,6 +402,15 @@ def run_single(
             else None
         ),
         "cluster_sizes_train": np.bincount(pred[train_idx], minlength=cfg.cluster.num_clusters).tolist(),
+        "confidence_train": {
+            "cluster_step": confidence_summary(probs_cluster_step[train_idx], cfg.selflabel.threshold),
+            "final": confidence_summary(probs[train_idx], cfg.selflabel.threshold),
+        },
+        "selflabel_changed": selflabel_change(
+            probs_cluster_step[train_idx], probs[train_idx], cfg.selflabel.threshold
+        )
+        if cfg.selflabel.epochs > 0
+        else None,
         "ssl_loss_per_epoch": ssl_hist,
         "ssl_health": health,
         "cluster_final_losses": info["final_losses"],
@@ -659,12 +433,20 @@ def run_single(
         backbone_arch=cfg.ssl.backbone,
         epochs={"ssl": cfg.ssl.epochs, "cluster": cfg.cluster.epochs, "selflabel": cfg.selflabel.epochs},
         seed=cfg.seed,
+        test_fraction=cfg.test_fraction,
+        split_seed=split_seed,
+        data=list(cfg.data),
+        phantoms=cfg.phantoms,
+        phantom_seed=cfg.phantom_seed,
+        phantom_views=list(cfg.phantom_views or (PHANTOM_VIEWS if cfg.phantoms else ())),
         git_commit=git_commit(exclude=out),
         torch_version=torch.__version__,
         device=f"{device.type} ({platform.processor() or platform.machine()})",
         note="cluster names taken from majority labels of the training images" if names else "",
     )
-    ood = calibrate_ood(emb[train_idx], pred[train_idx], cfg.cluster.num_clusters)
+    ood, bank = calibrate_knn(
+        emb[train_idx], emb[held] if held.any() else None, quantile=cfg.ood_quantile, seed=cfg.seed
+    )
     card = write_model_repository(
         out,
         backbone,
@@ -675,9 +457,11 @@ def run_single(
             "preprocess": cfg.clean,
             "cluster_names": names,
             "ood": ood,
+            "naming": Naming(min_confidence=cfg.naming_min_confidence),
             "provenance": provenance,
             "quality": quality,
         },
+        ood_bank=bank,
     )
     summary = {
         "seconds": round(time.time() - t0, 1),
@@ -690,8 +474,10 @@ def run_single(
     np.savez_compressed(
         run_dir / "outputs.npz",
         embeddings=emb,
-        probs=predict(head, emb),
+        probs=probs,
+        probs_cluster_step=probs_cluster_step,
         frames=frames_np,
+        paths=np.array([str(images.paths[i]) for i in keep]),
         labels=np.array([lab or "" for lab in labels]),
         sources=np.array(sources),
         subjects=np.array(subjects),

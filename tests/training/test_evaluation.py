@@ -30,7 +30,7 @@ def test_coarse_map_defaults_and_overrides(tmp_path):
 
 
 def test_evaluate_scores_coarse_views_and_overclustering():
-    from training.run import evaluate
+    from training.evaluate.quality import evaluate
 
     # Two brain sub-planes, each found as its own cluster, and femurs in one cluster.
     labels = [
@@ -149,7 +149,7 @@ def test_seeds_report_shows_mean_and_std(tmp_path):
 
 
 def test_evaluate_scores_the_ssl_embeddings_too_when_the_backbone_was_fine_tuned():
-    from training.run import evaluate
+    from training.evaluate.quality import evaluate
 
     labels = ["a", "a", "a", "b", "b", "b"]
     # Fine-tuned embeddings separate the two labels; the SSL embeddings before fine-tuning split across them.

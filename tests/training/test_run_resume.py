@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from service.clean import CleanConfig  # noqa: E402
+from training.checkpoints import Checkpoints, RunStopped, check_resumable, config_differences  # noqa: E402
 from training.cli import main as cli_main  # noqa: E402
 from training.cluster.fusc import train_cluster_heads  # noqa: E402
 from training.cluster.selflabel import self_label  # noqa: E402
@@ -19,7 +20,7 @@ from training.config import ClusterConfig, SelfLabelConfig, build_config  # noqa
 from training.data.phantoms import generate_dataset  # noqa: E402
 from training.loop import snapshot  # noqa: E402
 from training.models import build_backbone  # noqa: E402
-from training.run import Checkpoints, RunStopped, check_resumable, config_differences, run  # noqa: E402
+from training.run import run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
