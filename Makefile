@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 TORCH_PIN := torch==2.13.0
 
-.PHONY: setup setup-dev run test test-all bench lint format train-bundled clean-venv
+.PHONY: setup setup-dev run test test-all bench lint format train-bundled readme-example clean-venv
 
 # Runtime only (no torch): what the service needs.
 $(VENV)/.setup-service: pyproject.toml
@@ -52,6 +52,10 @@ train-bundled: setup-dev
 	  --data csv:../shared/data/hc18 --data csv:../shared/data/fetal_planes_db \
 	  --phantoms 1500 --clusters 10 --backbone resnet18-quarter --ssl-epochs 30 --name-clusters-from-labels --version 0.1.0 \
 	  --out model_repository --run-dir runs/bundled
+
+# Rewrites the README's example answer from the real service on the bundled model (needs ../shared/data).
+readme-example: setup
+	$(PY) -m service.examples readme
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,14 +9,7 @@ and stops it at the end. Labels are read only here, for scoring; the service nev
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,50 +17,11 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from service.decode import decode_image
+from service.examples import serve
 from training.data.readers import read_spec
 from training.evaluate.metrics import cluster_metrics, raw_pixels
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(model_repository: Path, timeout: float = 90.0) -> Iterator[str]:
-    """Start ``bentoml serve service.api:FuscService`` on 127.0.0.1 and yield its base URL."""
-    port = free_port()
-    env = dict(os.environ, FUSC_MODEL_REPOSITORY=str(Path(model_repository).resolve()))
-    bentoml = Path(sys.executable).parent / "bentoml"
-    proc = subprocess.Popen(
-        [str(bentoml), "serve", "service.api:FuscService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError(f"the service was not ready after {timeout:.0f} s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def cluster_via_service(url: str, paths: list[Path], chunk: int = 16) -> list[int | None]:
