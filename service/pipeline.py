@@ -109,7 +109,7 @@ def _ms(seconds: float) -> float:
 
 
 def load_ood_bank(repository: Path, card: ModelCard) -> np.ndarray | None:
-    """The ``knn_cosine`` bank as float32 [M, D] with unit-norm rows; None for cards without one.
+    """The ``knn_cosine`` bank as float32 [M, D] (unit-norm rows); None for cards without one.
 
     The file's SHA-256 is checked by ``load_card``; its shape is checked here, so that a bank from another
     model fails at start-up rather than in the first request.
@@ -134,8 +134,8 @@ def load_ood_bank(repository: Path, card: ModelCard) -> np.ndarray | None:
     bank = bank.astype(np.float32)
     if not np.isfinite(bank).all():
         raise ModelRepositoryError(f"the OOD bank {path} holds non-finite values")
-    # Stored as float16, so rows are unit-norm only to about 1e-3; renormalised, a cosine stays <= 1.
-    bank /= np.maximum(np.linalg.norm(bank, axis=1, keepdims=True), 1e-12)
+    # Used as stored (unit rows to float16 precision), not renormalised: the threshold was calibrated
+    # against these very rows (training.cluster.ood.knn_scores), and the scores must be the same numbers.
     return bank
 
 

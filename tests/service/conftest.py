@@ -158,7 +158,6 @@ def add_knn_ood(
     path = repo / "ood_bank.npy"
     np.save(path, bank.astype(np.float16))
     stored = np.load(path).astype(np.float32)
-    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
     calib = tiny_embeddings(repo, calibration_images)
     sims = (calib / np.linalg.norm(calib, axis=1, keepdims=True)) @ stored.T
     scores = np.sort(sims, axis=1)[:, -min(k, len(stored)) :].mean(axis=1)

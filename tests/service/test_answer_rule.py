@@ -99,8 +99,7 @@ def test_knn_score_is_the_mean_of_the_k_nearest_bank_cosines(
     card = knn_pipeline.card
     assert card.ood is not None and card.ood.method == "knn_cosine" and card.ood.k == 3
     images = [good_png, *other_pngs]
-    stored = np.load(knn_repo / "ood_bank.npy").astype(np.float32)
-    stored /= np.linalg.norm(stored, axis=1, keepdims=True)
+    stored = np.load(knn_repo / "ood_bank.npy").astype(np.float32)  # as stored, as training scored
     emb = tiny_embeddings(knn_repo, images)
     sims = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ stored.T
     expected = np.sort(sims, axis=1)[:, -3:].mean(axis=1)
@@ -179,3 +178,13 @@ def test_a_centroid_card_without_centroids_is_refused(tiny_repo: Path) -> None:
     empty = card.model_copy(update={"ood": OODCalibration(threshold=0.5, quantile=0.01)})
     with pytest.raises(ModelRepositoryError, match="centroids"):
         Pipeline(empty, OnnxRuntimeBackend(tiny_repo, card))
+
+
+def test_service_scores_are_the_calibration_arithmetic(knn_repo: Path, knn_pipeline: Pipeline) -> None:
+    """The threshold was set on training.cluster.ood's scores; the service must compute the same numbers."""
+    from training.cluster.ood import knn_scores
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((7, knn_pipeline.card.embedding_dim)).astype(np.float32)
+    bank = np.load(knn_repo / "ood_bank.npy").astype(np.float32)
+    np.testing.assert_allclose(knn_pipeline.ood_scores(emb), knn_scores(emb, bank, 3), atol=1e-6)
