@@ -105,6 +105,39 @@ def test_cli_train_writes_a_valid_repository(trained, phantom_dir):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
 
+def test_service_answers_an_image_file_as_training_scored_it(trained):
+    """No train/serve skew: a training image's file, sent as bytes through the service's pipeline (embedded
+    ONNX Runtime), gets the probabilities the run itself wrote for it into outputs.npz."""
+    from pathlib import Path
+
+    from service.pipeline import load_pipeline
+    from service.settings import Settings
+
+    rc, out, run_dir = trained
+    assert rc == 0
+    outputs = np.load(run_dir / "outputs.npz")
+    paths, probs, held = outputs["paths"], outputs["probs"], outputs["held_out"]
+    assert len(paths) == len(probs) == len(held)
+    # A few training and a few held-out images, by their row of outputs.npz.
+    rows = [*np.flatnonzero(~held)[:4], *np.flatnonzero(held)[:2]]
+    assert len(rows) == 6
+    data = [Path(str(paths[i])).read_bytes() for i in rows]
+
+    pipeline = load_pipeline(Settings(model_repository=out, ort_intra_op_threads=1))
+    x = np.stack([pipeline.prepare(b).tensor for b in data])
+    np.testing.assert_allclose(pipeline.infer(x).probs, probs[rows], atol=1e-4, rtol=0)
+    # A smoke model's probabilities are nearly uniform, so a skew moves them little (one gray level on the
+    # input: ~4e-4); its embeddings move ~30x more, and must agree as well.
+    emb = pipeline.backend.embed(x)
+    np.testing.assert_allclose(emb, outputs["embeddings"][rows], atol=1e-4, rtol=0)
+    # The answers of a cluster call carry the same numbers (the top clusters of each row).
+    for row, result in zip(rows, pipeline.cluster(data), strict=True):
+        assert not isinstance(result, Exception), result
+        assert probs[row, result.cluster] >= probs[row].max() - 1e-4  # the top cluster (up to a near tie)
+        for top in result.top:
+            assert abs(top.probability - probs[row, top.cluster]) <= 1e-4
+
+
 def test_checksum_mismatch_is_refused(trained, tmp_path):
     out = tmp_path / "repo"
     shutil.copytree(trained[1], out)
