@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="SSL backbone + FUSC cluster head, exported to a model repository")
-    t.add_argument("--preset", default="cpu-small", help="smoke | cpu-small | gpu-paper")
+    t.add_argument(
+        "--preset", default="cpu-small", help="smoke | cpu-small (default) | cpu-small-scratch | gpu-paper"
+    )
     t.add_argument("--config", type=Path, help="JSON file merged over the preset")
     t.add_argument(
         "--data",
@@ -26,6 +28,13 @@ def main(argv: list[str] | None = None) -> int:
         "or <folder>.csv beside it, optional; subjects are keyed hashes of PatientID/StudyInstanceUID)",
     )
     t.add_argument("--phantoms", type=int, help="add this many generated phantom images")
+    t.add_argument(
+        "--phantom-views",
+        nargs="+",
+        metavar="VIEW",
+        help="generate only these phantom views (default all); a view left out is one the model never sees, "
+        "for testing out-of-distribution flags",
+    )
     t.add_argument("--method", choices=["simclr", "barlowtwins", "dino"], help="SSL method")
     t.add_argument(
         "--backbone",
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             "data": args.data or None,
             "phantoms": args.phantoms,
+            "phantom_views": args.phantom_views,
             "seed": args.seed,
             "seeds": args.seeds,
             "split_seed": args.split_seed,

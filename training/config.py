@@ -140,7 +140,7 @@ class TrainConfig(BaseModel):
     split_seed: int | None = None
     # The whole pipeline once per seed (empty: once, with ``seed``), with mean +- std of every metric.
     seeds: list[int] = Field(default_factory=list)
-    # JSON {fine label: coarse view} merged over the defaults of training.metrics.COARSE_VIEWS.
+    # JSON {fine label: coarse view} merged over the defaults of service.taxonomy.MERGED_VIEWS.
     coarse_map: Path | None = None
     # Within each stage, write RUN_DIR/checkpoints/<stage>-epoch.pt after every N-th epoch, so a resumed
     # run goes on from the last one (0: off, a resumed run repeats an unfinished stage from its start).
@@ -167,39 +167,73 @@ PRESETS: dict[str, dict] = {
         "cluster": {"num_clusters": 4, "num_heads": 2, "neighbors": 5, "epochs": 5, "batch_size": 64},
         "selflabel": {"epochs": 1, "batch_size": 64, "threshold": 0.5},
     },
-    # Minutes on 2 CPU cores.
+    # Minutes on 2 CPU cores: ImageNet EfficientNet-Lite0 adapted to ultrasound by SimCLR, then the cluster
+    # step and self-labeling head-only on augmented-view embeddings (docs/training.md has the measurements).
     "cpu-small": {
+        "clean": {"size": 96},
+        "ssl": {
+            "backbone": "efficientnet-lite0",
+            "init": "imagenet",
+            # The stem and the first five blocks (to the 40-channel stage) stay ImageNet's: a step costs a
+            # third of a full one on 2 cores.
+            "freeze_blocks": 5,
+            "epochs": 10,
+            "batch_size": 64,
+            "lr": 2e-4,
+            "temperature": 0.2,
+        },
+        "cluster": {
+            "num_clusters": 10,
+            "epochs": 100,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "views": 4,
+            "standardize": True,
+        },
+        "selflabel": {"epochs": 10, "lr": 1e-3, "batch_size": 256},
+    },
+    # The earlier CPU recipe, from scratch: SimCLR on a quarter-width ResNet18 at 64 px (no pretrained
+    # weights needed), with the same cluster step and self-labeling as cpu-small.
+    "cpu-small-scratch": {
         "clean": {"size": 64},
-        # Small batches and many steps: on 2 cores the number of updates, not the batch, limits SimCLR.
         "ssl": {
             "backbone": "resnet18-quarter",
+            "init": "scratch",
             "stem": "imagenet",
             "epochs": 40,
             "batch_size": 64,
             "lr": 2e-3,
         },
-        # The backbone is fine-tuned in the cluster step at a low rate, on strong views, as SCAN's step
-        # (docs/training.md): on SimCLR phantoms +0.03 held-out purity over head-only (3 seeds).
         "cluster": {
             "num_clusters": 10,
-            "epochs": 20,
-            "batch_size": 128,
-            "update_backbone": True,
-            "backbone_lr": 1e-4,
+            "epochs": 100,
+            "batch_size": 256,
+            "lr": 1e-3,
+            "views": 4,
+            "standardize": True,
         },
+        "selflabel": {"epochs": 10, "lr": 1e-3, "batch_size": 256},
     },
     # Paper scale on one GPU.
     "gpu-paper": {
         "clean": {"size": 224},
-        "ssl": {"backbone": "resnet18", "epochs": 200, "batch_size": 256, "lr": 3e-3},
+        "ssl": {
+            "backbone": "efficientnet-lite0",
+            "init": "imagenet",
+            "epochs": 100,
+            "batch_size": 256,
+            "lr": 5e-4,
+            "temperature": 0.2,
+        },
         "cluster": {
             "num_clusters": 15,
-            "epochs": 100,
+            "epochs": 200,
             "batch_size": 512,
-            "lr": 1e-4,
-            "update_backbone": True,
+            "lr": 1e-3,
+            "views": 8,
+            "standardize": True,
         },
-        "selflabel": {"epochs": 50, "batch_size": 512, "update_backbone": True},
+        "selflabel": {"epochs": 50, "lr": 1e-3, "batch_size": 512, "views": 8},
     },
 }
 
@@ -211,13 +245,11 @@ METHOD_PRESETS: dict[str, dict[str, dict]] = {
         },
     },
     "cpu-small": {
-        # A ViT learns nothing useful from 3,000 images in CPU minutes; DINO runs on the same small ResNet
-        # (with BatchNorm in its head), a small head and a sharper teacher. Local crops of a 64-px frame
-        # hold too little (27 px): two global views only, which is also half the cost.
+        # A ViT learns nothing useful from 3,000 images in CPU minutes; DINO adapts the same pretrained CNN
+        # (with BatchNorm in its head), a small head and a sharper teacher; two global views only.
         "dino": {
             "ssl": {
-                "backbone": "resnet18-quarter",
-                "lr": 1e-3,
+                "lr": 2e-4,
                 "weight_decay": 0.04,
                 "clip_grad": 3.0,
                 "local_crops": 0,
@@ -238,6 +270,7 @@ METHOD_PRESETS: dict[str, dict[str, dict]] = {
         "dino": {
             "ssl": {
                 "backbone": "vit-small-16",
+                "init": "scratch",
                 "epochs": 100,
                 "lr": 5e-4,
                 "weight_decay": 0.04,

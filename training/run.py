@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from service.card import Naming, Provenance
+from service.taxonomy import PHANTOM_VIEWS
 from training.checkpoints import (
     Checkpoints,
     RunStopped,
@@ -37,7 +38,6 @@ from training.cluster.knn import mine_neighbors, neighbor_accuracy
 from training.cluster.ood import calibrate_knn
 from training.cluster.selflabel import self_label
 from training.config import TrainConfig
-from training.data.phantoms import VIEWS as PHANTOM_VIEWS
 from training.data.readers import ImageList, load_frames, read_csv_layout, read_spec, subject_split
 from training.distributed import barrier, init_distributed, shutdown
 from training.evaluate.health import embedding_health

@@ -105,10 +105,16 @@ def selflabel_change(before: np.ndarray, after: np.ndarray, threshold: float) ->
 
 
 def name_clusters(pred: np.ndarray, labels: list, k: int, min_share: float = 0.6) -> dict[int, str]:
-    """Name a cluster after its majority label when that label holds ``min_share`` of its labelled members."""
+    """Name a cluster after its majority view when that view holds ``min_share`` of its labelled members.
+
+    Labels are read as views of the taxonomy (``service.taxonomy``: FETAL_PLANES_DB's "Fetal brain", HC18's
+    and the phantoms' "brain" are all the view "brain"); a label the taxonomy does not know counts as itself.
+    """
+    from service.taxonomy import view_of_label
+
     names: dict[int, str] = {}
     for c in range(k):
-        members = [labels[i] for i in np.flatnonzero(pred == c) if labels[i]]
+        members = [view_of_label(labels[i]) or labels[i] for i in np.flatnonzero(pred == c) if labels[i]]
         if members:
             values, counts = np.unique(members, return_counts=True)
             if counts.max() / len(members) >= min_share:
