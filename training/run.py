@@ -73,13 +73,19 @@ def git_commit(exclude: Path | None = None) -> str:
 
     ``exclude`` (the output repository, which a rebuild of the bundled model rewrites) does not count.
     """
+    root = Path(__file__).resolve().parents[1]  # the checkout this code runs from, whatever the cwd
     try:
 
         def git(*args: str) -> str:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5).stdout.strip()
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=5, cwd=root
+            ).stdout.strip()
 
         commit = git("rev-parse", "--short", "HEAD")
-        spec = ["--", ".", f":(exclude){Path(exclude).resolve()}"] if exclude else []
+        # An output folder outside the checkout is no pathspec of it (git would refuse the whole command).
+        out = Path(exclude).resolve() if exclude else None
+        inside = out is not None and out.is_relative_to(root)
+        spec = ["--", ".", f":(exclude){out.relative_to(root)}"] if inside else []
         dirty = git("status", "--porcelain", "--untracked-files=no", *spec)
         return f"{commit}-dirty" if commit and dirty else commit
     except (OSError, subprocess.SubprocessError):

@@ -72,12 +72,13 @@ def test_cli_train_writes_a_valid_repository(trained, phantom_dir):
     report = (run_dir / "report.md").read_text()
     assert "Supervised bound" in report
     assert "Held-out subjects (inductive)" in report and "kmeans_raw_pixels" in report
-    for png in ("losses.png", "tsne_labels.png", "tsne_clusters.png", "gallery.png"):
+    for png in ("losses.png", "tsne_labels.png", "tsne_clusters.png", "gallery.png", "confidence.png"):
         assert (run_dir / png).stat().st_size > 1000
     # The HTML report says the same and shows the same images, by relative path.
     page = (run_dir / "report.html").read_text()
     assert "Supervised bound" in page and "<td>kmeans_raw_pixels</td>" in page
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == [
+        "confidence.png",
         "gallery.png",
         "losses.png",
         "tsne_clusters.png",
