@@ -15,10 +15,12 @@ import platform
 import random
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from service.card import Naming, Provenance
 from service.taxonomy import PHANTOM_VIEWS
@@ -167,6 +169,192 @@ def run(
     return aggregate
 
 
+@dataclass
+class RunData:
+    """The run's images after decode + clean: frames, labels, subjects, sources and the held-out mask."""
+
+    paths: list
+    frames: np.ndarray  # uint8 [N,S,S]
+    labels: list
+    subjects: list
+    sources: list
+    held: np.ndarray  # bool [N]
+    split_seed: int
+    skipped: dict
+
+    @property
+    def train(self) -> np.ndarray:
+        return np.flatnonzero(~self.held)
+
+
+def load_data(cfg: TrainConfig, ranks) -> RunData:
+    # Rank 0 generates phantoms and fills the frame cache; the other ranks then read the cache.
+    if ranks.main:
+        images = gather(cfg)
+        frames, ok, skipped = load_frames(images, cfg.clean, cfg.cache_dir, return_errors=True)
+    barrier()
+    if not ranks.main:
+        images = gather(cfg)
+        frames, ok, skipped = load_frames(images, cfg.clean, cfg.cache_dir, return_errors=True)
+    keep = np.flatnonzero(ok)
+    subjects = [images.subjects[i] for i in keep]
+    split_seed = cfg.split_seed if cfg.split_seed is not None else cfg.seed
+    held = (
+        subject_split(subjects, cfg.test_fraction, split_seed)
+        if cfg.test_fraction > 0
+        else np.zeros(len(keep), bool)
+    )
+    return RunData(
+        paths=[images.paths[i] for i in keep],
+        frames=frames[keep],
+        labels=[images.labels[i] for i in keep],
+        subjects=subjects,
+        sources=[images.sources[i] for i in keep],
+        held=held,
+        split_seed=split_seed,
+        skipped=skipped,
+    )
+
+
+class Stages:
+    """Each training stage of a run: loaded from its checkpoint when a resumed run finished it, else
+    trained (going on from its last epoch snapshot when there is one) and checkpointed."""
+
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, data: RunData, device: torch.device, ckpt, stop_after
+    ):
+        self.cfg, self.run_dir, self.data, self.device, self.ckpt = cfg, run_dir, data, device, ckpt
+        self.stop_stage, self.stop_epoch = parse_stop_after(stop_after)
+        self.frames = torch.from_numpy(data.frames)
+        self.train_frames = self.frames[data.train]
+
+    def _finished(self, stage: str, state: dict) -> None:
+        self.ckpt.save(stage, state)  # rank 0 writes; under torchrun every rank stops when asked to
+        if self.stop_stage == stage and self.stop_epoch is None:
+            raise RunStopped(
+                f"stopped after the {stage} stage; continue with --resume --run-dir {self.run_dir}"
+            )
+
+    def _epochs_of(self, stage: str) -> dict:
+        """A stage's training loop writes its epoch checkpoints, and goes on from the last one."""
+
+        def on_epoch(state: dict) -> None:
+            self.ckpt.save_epoch(stage, state)
+            if (self.stop_stage, self.stop_epoch) == (stage, state["epoch"]):
+                raise RunStopped(
+                    f"stopped after epoch {state['epoch']} of the {stage} stage; "
+                    f"continue with --resume --run-dir {self.run_dir}"
+                )
+
+        return {
+            "on_epoch": on_epoch,
+            "resume_state": self.ckpt.load_epoch(stage),
+            "checkpoint_every": self.cfg.checkpoint_every,
+        }
+
+    def views(self, backbone: nn.Module, augment, n: int, seed: int) -> np.ndarray:
+        return augmented_embeddings(
+            backbone, self.train_frames, augment, self.cfg.clean, self.device, n, seed
+        )
+
+    def ssl(self) -> tuple[nn.Module, list[float]]:
+        cfg = self.cfg
+        saved = self.ckpt.load("ssl")
+        if saved:
+            # The saved weights replace any initialisation: no pretrained file is needed to resume.
+            backbone = build_backbone(cfg.ssl.backbone, stem=cfg.ssl.stem, img_size=cfg.clean.size)
+            backbone = _load_module(backbone, saved["backbone"]).to(self.device)
+            self.ckpt.restore_rng(saved)
+            return backbone, saved["history"]
+        backbone, history = train_ssl(
+            self.train_frames, cfg.ssl, cfg.clean, self.device, cfg.seed, **self._epochs_of("ssl")
+        )
+        self._finished("ssl", {"backbone": _module_state(backbone), "history": history})
+        return backbone, history
+
+    def cluster(
+        self, backbone: nn.Module, emb: np.ndarray, nbrs: np.ndarray, views: np.ndarray | None
+    ) -> tuple[nn.Linear, dict]:
+        cfg = self.cfg
+        saved = self.ckpt.load("cluster")
+        if saved:
+            if saved.get("backbone"):
+                _load_module(backbone, saved["backbone"])
+            self.ckpt.restore_rng(saved)
+            return _head(saved["head"]), saved["info"]
+        head, info = train_cluster_heads(
+            emb[self.data.train],
+            nbrs,
+            cfg.cluster,
+            self.device,
+            cfg.seed,
+            backbone,
+            self.train_frames,
+            cfg.clean,
+            views=views,
+            **self._epochs_of("cluster"),
+        )
+        head = head.cpu()
+        state = {
+            "head": _module_state(head),
+            "info": info,
+            "backbone": _module_state(backbone) if cfg.cluster.update_backbone else None,
+        }
+        self._finished("cluster", state)
+        return head, info
+
+    def selflabel(
+        self, backbone: nn.Module, head: nn.Linear, emb: np.ndarray, views: np.ndarray | None
+    ) -> tuple[nn.Linear, dict]:
+        cfg = self.cfg
+        saved = self.ckpt.load("selflabel")
+        if saved:
+            if saved.get("backbone"):
+                _load_module(backbone, saved["backbone"])
+            self.ckpt.restore_rng(saved)
+            return _head(saved["head"]), saved["selflabel"]
+        head_only = not cfg.selflabel.update_backbone
+        if head_only and (cfg.selflabel.views or views is None):
+            views = self.views(backbone, cfg.selflabel.augment, cfg.selflabel.views or 4, cfg.seed + 1)
+        history = self_label(
+            backbone,
+            head,
+            self.train_frames,
+            cfg.selflabel,
+            cfg.clean,
+            self.device,
+            cfg.seed,
+            embeddings=emb[self.data.train] if head_only else None,
+            views=views if head_only else None,
+            **self._epochs_of("selflabel"),
+        )
+        state = {
+            "head": _module_state(head),
+            "selflabel": history,
+            "backbone": _module_state(backbone) if cfg.selflabel.update_backbone else None,
+        }
+        self._finished("selflabel", state)
+        return head, history
+
+    def overcluster(self, emb_ssl: np.ndarray, nbrs: np.ndarray) -> tuple[nn.Linear, dict]:
+        # Head-only, on the SSL embeddings and the same neighbours as the main cluster step; it comes last,
+        # so asking for it leaves the main result unchanged.
+        saved = self.ckpt.load("overcluster")
+        if saved:
+            self.ckpt.restore_rng(saved)
+            return _head(saved["head"]), saved["info"]
+        cfg = self.cfg
+        over_cfg = cfg.cluster.model_copy(
+            update={"num_clusters": cfg.cluster.overcluster, "update_backbone": False, "views": 0}
+        )
+        head, info = train_cluster_heads(
+            emb_ssl[self.data.train], nbrs, over_cfg, self.device, cfg.seed, **self._epochs_of("overcluster")
+        )
+        head = head.cpu()
+        self._finished("overcluster", {"head": _module_state(head), "info": info})
+        return head, info
+
+
 def run_single(
     cfg: TrainConfig,
     out: Path,
@@ -177,6 +365,7 @@ def run_single(
     stop_after: str | None = None,
     report: bool = True,
 ) -> dict:
+    """One seed: data -> SSL -> kNN mining -> cluster step -> self-labeling -> measures -> export."""
     t0 = time.time()
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
@@ -189,258 +378,174 @@ def run_single(
             check_resumable(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
-    coarse = coarse_map(cfg.coarse_map)
-
-    # Rank 0 generates phantoms and fills the frame cache; the other ranks then read the cache.
-    if ranks.main:
-        images = gather(cfg)
-        frames_np, ok, skipped = load_frames(images, cfg.clean, cfg.cache_dir, return_errors=True)
-    barrier()
-    if not ranks.main:
-        images = gather(cfg)
-        frames_np, ok, skipped = load_frames(images, cfg.clean, cfg.cache_dir, return_errors=True)
-    keep = np.flatnonzero(ok)
-    frames_np = frames_np[keep]
-    labels = [images.labels[i] for i in keep]
-    subjects = [images.subjects[i] for i in keep]
-    sources = [images.sources[i] for i in keep]
-    split_seed = cfg.split_seed if cfg.split_seed is not None else cfg.seed
-    held = (
-        subject_split(subjects, cfg.test_fraction, split_seed)
-        if cfg.test_fraction > 0
-        else np.zeros(len(keep), bool)
-    )
-    train_idx = np.flatnonzero(~held)
-    print(f"{len(keep)} images ({len(train_idx)} train, {int(held.sum())} held out) on {device}")
-    ckpt = Checkpoints(
-        run_dir, data_fingerprint([images.paths[i] for i in keep], labels, subjects), resume, ranks.main
+    data = load_data(cfg, ranks)
+    train = data.train
+    print(f"{len(data.paths)} images ({len(train)} train, {int(data.held.sum())} held out) on {device}")
+    fingerprint = data_fingerprint(data.paths, data.labels, data.subjects)
+    stages = Stages(
+        cfg, run_dir, data, device, Checkpoints(run_dir, fingerprint, resume, ranks.main), stop_after
     )
 
-    stop_stage, stop_epoch = parse_stop_after(stop_after)
-
-    def finished(stage: str, state: dict) -> None:
-        ckpt.save(stage, state)
-        if stop_stage == stage and stop_epoch is None:
-            raise RunStopped(f"stopped after the {stage} stage; continue with --resume --run-dir {run_dir}")
-
-    def epochs_of(stage: str) -> dict:
-        """A stage's training loop writes its epoch checkpoints, and goes on from the last one."""
-
-        def on_epoch(state: dict) -> None:
-            ckpt.save_epoch(stage, state)  # rank 0 writes; under torchrun every rank stops
-            if (stop_stage, stop_epoch) == (stage, state["epoch"]):
-                raise RunStopped(
-                    f"stopped after epoch {state['epoch']} of the {stage} stage; "
-                    f"continue with --resume --run-dir {run_dir}"
-                )
-
-        return {
-            "on_epoch": on_epoch,
-            "resume_state": ckpt.load_epoch(stage),
-            "checkpoint_every": cfg.checkpoint_every,
-        }
-
-    frames = torch.from_numpy(frames_np)
-    saved = ckpt.load("ssl")
-    if saved:
-        backbone = _load_module(
-            build_backbone(cfg.ssl.backbone, stem=cfg.ssl.stem, img_size=cfg.clean.size, init="scratch"),
-            saved["backbone"],
-        ).to(device)
-        ssl_hist = saved["history"]
-        ckpt.restore_rng(saved)
-    else:
-        backbone, ssl_hist = train_ssl(
-            frames[train_idx], cfg.ssl, cfg.clean, device, cfg.seed, **epochs_of("ssl")
-        )
-        # Rank 0 writes; under torchrun every rank stops when asked to.
-        finished("ssl", {"backbone": _module_state(backbone), "history": ssl_hist})
+    # 1. Self-supervision (from ImageNet weights or from scratch), the only stage that runs on every rank.
+    backbone, ssl_hist = stages.ssl()
     if ranks.enabled:
-        # The cluster step is head-only and takes seconds: rank 0 finishes the run alone.
+        # What follows is head-only or small: rank 0 finishes the run alone.
         barrier()
         shutdown()
         if not ranks.main:
             return {}
-    emb = emb_ssl = compute_embeddings(backbone, frames, cfg.clean, device)
-    health = embedding_health(emb[train_idx], cfg.ssl.method, ssl_hist, cfg.ssl.prototypes)
+    emb = emb_ssl = compute_embeddings(backbone, stages.frames, cfg.clean, device)
+    health = embedding_health(emb[train], cfg.ssl.method, ssl_hist, cfg.ssl.prototypes)
     if health["collapsed"]:
         log.warning("the SSL embedding looks collapsed: %s", "; ".join(health["reasons"]))
-    nbrs = mine_neighbors(emb[train_idx], cfg.cluster.neighbors)
+
+    # 2. Neighbours in embedding space, and the augmented views the head-only steps learn from.
+    nbrs = mine_neighbors(emb[train], cfg.cluster.neighbors)
     head_only = not cfg.cluster.update_backbone
     views = (
-        augmented_embeddings(
-            backbone, frames[train_idx], cfg.cluster.augment, cfg.clean, device, cfg.cluster.views, cfg.seed
-        )
+        stages.views(backbone, cfg.cluster.augment, cfg.cluster.views, cfg.seed)
         if head_only and cfg.cluster.views
         else None
     )
 
-    saved = ckpt.load("cluster")
-    if saved:
-        head, info = _head(saved["head"]), saved["info"]
-        if saved.get("backbone"):
-            _load_module(backbone, saved["backbone"])
-        ckpt.restore_rng(saved)
-    else:
-        head, info = train_cluster_heads(
-            emb[train_idx],
-            nbrs,
-            cfg.cluster,
-            device,
-            cfg.seed,
-            backbone,
-            frames[train_idx],
-            cfg.clean,
-            views=views,
-            **epochs_of("cluster"),
-        )
-        head = head.cpu()
-        finished(
-            "cluster",
-            {
-                "head": _module_state(head),
-                "info": info,
-                "backbone": _module_state(backbone) if cfg.cluster.update_backbone else None,
-            },
-        )
+    # 3. The FUSC cluster step.
+    head, info = stages.cluster(backbone, emb, nbrs, views)
     if cfg.cluster.update_backbone:
-        emb = compute_embeddings(backbone, frames, cfg.clean, device)
+        emb = compute_embeddings(backbone, stages.frames, cfg.clean, device)
     probs_cluster_step = predict(head, emb)
     preds = {"fusc_cluster_step": probs_cluster_step.argmax(1)}
 
+    # 4. Self-labeling on the confident images.
     if cfg.selflabel.epochs > 0:
-        saved = ckpt.load("selflabel")
-        if saved:
-            head, info["selflabel"] = _head(saved["head"]), saved["selflabel"]
-            if saved.get("backbone"):
-                _load_module(backbone, saved["backbone"])
-            ckpt.restore_rng(saved)
-        else:
-            sl_head_only = not cfg.selflabel.update_backbone
-            sl_views = views
-            if sl_head_only and (cfg.selflabel.views or views is None):
-                sl_views = augmented_embeddings(
-                    backbone,
-                    frames[train_idx],
-                    cfg.selflabel.augment,
-                    cfg.clean,
-                    device,
-                    cfg.selflabel.views or 4,
-                    cfg.seed + 1,
-                )
-            info["selflabel"] = self_label(
-                backbone,
-                head,
-                frames[train_idx],
-                cfg.selflabel,
-                cfg.clean,
-                device,
-                cfg.seed,
-                embeddings=emb[train_idx] if sl_head_only else None,
-                views=sl_views if sl_head_only else None,
-                **epochs_of("selflabel"),
-            )
-            finished(
-                "selflabel",
-                {
-                    "head": _module_state(head),
-                    "selflabel": info["selflabel"],
-                    "backbone": _module_state(backbone) if cfg.selflabel.update_backbone else None,
-                },
-            )
+        head, info["selflabel"] = stages.selflabel(backbone, head, emb, views)
         if cfg.selflabel.update_backbone:
-            emb = compute_embeddings(backbone, frames, cfg.clean, device)
-        preds["fusc"] = predict(head, emb).argmax(1)
-    else:
-        preds["fusc"] = preds["fusc_cluster_step"]
-    pred = preds["fusc"]
+            emb = compute_embeddings(backbone, stages.frames, cfg.clean, device)
+    probs = predict(head, emb)
+    preds["fusc"] = pred = probs.argmax(1)
 
+    # 5. Over-clustering (paper Table 3), when asked for.
     overcluster = None
     if cfg.cluster.overcluster > 0:
-        # Head-only, on the SSL embeddings and the same neighbours as the main cluster step; it comes last,
-        # so asking for it leaves the main result unchanged.
-        saved = ckpt.load("overcluster")
-        if saved:
-            over_head, over_info = _head(saved["head"]), saved["info"]
-            ckpt.restore_rng(saved)
-        else:
-            over_cfg = cfg.cluster.model_copy(
-                update={"num_clusters": cfg.cluster.overcluster, "update_backbone": False}
-            )
-            over_head, over_info = train_cluster_heads(
-                emb_ssl[train_idx], nbrs, over_cfg, device, cfg.seed, **epochs_of("overcluster")
-            )
-            over_head = over_head.cpu()
-            finished("overcluster", {"head": _module_state(over_head), "info": over_info})
+        over_head, over_info = stages.overcluster(emb_ssl, nbrs)
         preds["fusc_overcluster"] = predict(over_head, emb_ssl).argmax(1)
         overcluster = {
             "k": cfg.cluster.overcluster,
             "k_main": cfg.cluster.num_clusters,
-            "filled_clusters_train": int(len(np.unique(preds["fusc_overcluster"][train_idx]))),
+            "filled_clusters_train": int(len(np.unique(preds["fusc_overcluster"][train]))),
             "best_head": over_info["best_head"],
         }
+
+    # 6. What the run measures, and the model repository with its card.
+    quality = measure(cfg, data, preds, emb, emb_ssl, nbrs, probs_cluster_step, probs)
+    quality.update(
+        {
+            "ssl_loss_per_epoch": ssl_hist,
+            "ssl_health": health,
+            "cluster_final_losses": info["final_losses"],
+            "cluster_loss_history": info["history"],
+            "best_head": info["best_head"],
+            "selflabel": info.get("selflabel"),
+            "overcluster": overcluster,
+            "skipped_files": data.skipped,
+        }
+    )
+    card = export(cfg, out, backbone, head, emb, data, pred, quality, command, device)
+    summary = {
+        "seconds": round(time.time() - t0, 1),
+        "resumed_stages": stages.ckpt.resumed,
+        "card_version": card.version,
+        "quality": quality,
+    }
+    save_outputs(run_dir, cfg, data, preds, emb, probs, probs_cluster_step, backbone, head, summary)
+    if report:
+        from training.evaluate.report import write_report
+
+        write_report(run_dir)
+    print(f"model repository written to {out} in {summary['seconds']} s; report: {run_dir / 'report.md'}")
+    return summary
+
+
+def measure(
+    cfg: TrainConfig,
+    data: RunData,
+    preds: dict,
+    emb: np.ndarray,
+    emb_ssl: np.ndarray,
+    nbrs: np.ndarray,
+    probs_cluster_step: np.ndarray,
+    probs: np.ndarray,
+) -> dict:
+    """Each prediction against the labels with the baselines, the linear probe, neighbour agreement, cluster
+    sizes, the confidence distribution and what self-labeling changed."""
+    held, train, labels = data.held, data.train, data.labels
+    coarse = coarse_map(cfg.coarse_map)
 
     def split_eval(mask: np.ndarray) -> dict:
         idx = np.flatnonzero(mask)
         return evaluate(
             {name: p[idx] for name, p in preds.items()},
             emb[idx],
-            frames_np[idx],
+            data.frames[idx],
             [labels[i] for i in idx],
-            [sources[i] for i in idx],
+            [data.sources[i] for i in idx],
             cfg.cluster.num_clusters,
             cfg.seed,
             coarse,
             ssl_embeddings=emb_ssl[idx] if emb is not emb_ssl else None,
         )
 
-    labelled = np.array([lab is not None for lab in labels])
-    probs = predict(head, emb)
-    quality = {
+    threshold = cfg.selflabel.threshold
+    return {
         "train_transductive": split_eval(~held),
         "heldout_inductive": split_eval(held) if held.any() else {},
-        "linear_probe_heldout": linear_probe(emb, frames_np, labels, sources, held, cfg.seed)
+        "linear_probe_heldout": linear_probe(emb, data.frames, labels, data.sources, held, cfg.seed)
         if held.any()
         else {},
         "neighbor_accuracy_train": (
-            neighbor_accuracy(nbrs, np.array([labels[i] or "" for i in train_idx]))
-            if labelled.all()
+            neighbor_accuracy(nbrs, np.array([labels[i] or "" for i in train]))
+            if all(lab is not None for lab in labels)
             else None
         ),
-        "cluster_sizes_train": np.bincount(pred[train_idx], minlength=cfg.cluster.num_clusters).tolist(),
+        "cluster_sizes_train": np.bincount(preds["fusc"][train], minlength=cfg.cluster.num_clusters).tolist(),
         "confidence_train": {
-            "cluster_step": confidence_summary(probs_cluster_step[train_idx], cfg.selflabel.threshold),
-            "final": confidence_summary(probs[train_idx], cfg.selflabel.threshold),
+            "cluster_step": confidence_summary(probs_cluster_step[train], threshold),
+            "final": confidence_summary(probs[train], threshold),
         },
-        "selflabel_changed": selflabel_change(
-            probs_cluster_step[train_idx], probs[train_idx], cfg.selflabel.threshold
-        )
+        "selflabel_changed": selflabel_change(probs_cluster_step[train], probs[train], threshold)
         if cfg.selflabel.epochs > 0
         else None,
-        "ssl_loss_per_epoch": ssl_hist,
-        "ssl_health": health,
-        "cluster_final_losses": info["final_losses"],
-        "cluster_loss_history": info["history"],
-        "best_head": info["best_head"],
-        "selflabel": info.get("selflabel"),
-        "overcluster": overcluster,
-        "skipped_files": skipped,
     }
+
+
+def export(
+    cfg: TrainConfig,
+    out: Path,
+    backbone: nn.Module,
+    head: nn.Linear,
+    emb: np.ndarray,
+    data: RunData,
+    pred: np.ndarray,
+    quality: dict,
+    command: str,
+    device: torch.device,
+):
+    """The model repository: ONNX backbone and head, the OOD bank, and the card with names and provenance."""
+    train, held = data.train, data.held
     names = (
-        name_clusters(pred[train_idx], [labels[i] for i in train_idx], cfg.cluster.num_clusters)
-        if (cfg.name_clusters_from_labels)
+        name_clusters(pred[train], [data.labels[i] for i in train], cfg.cluster.num_clusters)
+        if cfg.name_clusters_from_labels
         else {}
     )
     provenance = Provenance(
         command=command,
-        datasets=sorted(set(sources)),
-        num_images=len(keep),
+        datasets=sorted(set(data.sources)),
+        num_images=len(data.paths),
         ssl_method=cfg.ssl.method,
         backbone_arch=cfg.ssl.backbone,
         epochs={"ssl": cfg.ssl.epochs, "cluster": cfg.cluster.epochs, "selflabel": cfg.selflabel.epochs},
         seed=cfg.seed,
         test_fraction=cfg.test_fraction,
-        split_seed=split_seed,
+        split_seed=data.split_seed,
         data=list(cfg.data),
         phantoms=cfg.phantoms,
         phantom_seed=cfg.phantom_seed,
@@ -451,43 +556,46 @@ def run_single(
         note="cluster names taken from majority labels of the training images" if names else "",
     )
     ood, bank = calibrate_knn(
-        emb[train_idx], emb[held] if held.any() else None, quantile=cfg.ood_quantile, seed=cfg.seed
+        emb[train], emb[held] if held.any() else None, quantile=cfg.ood_quantile, seed=cfg.seed
     )
-    card = write_model_repository(
-        out,
-        backbone,
-        head,
-        {
-            "name": cfg.name,
-            "version": cfg.version,
-            "preprocess": cfg.clean,
-            "cluster_names": names,
-            "ood": ood,
-            "naming": Naming(min_confidence=cfg.naming_min_confidence),
-            "provenance": provenance,
-            "quality": quality,
-        },
-        ood_bank=bank,
-    )
-    summary = {
-        "seconds": round(time.time() - t0, 1),
-        "resumed_stages": ckpt.resumed,
-        "card_version": card.version,
+    fields = {
+        "name": cfg.name,
+        "version": cfg.version,
+        "preprocess": cfg.clean,
+        "cluster_names": names,
+        "ood": ood,
+        "naming": Naming(min_confidence=cfg.naming_min_confidence),
+        "provenance": provenance,
         "quality": quality,
     }
-    # Everything the report needs, so it can be re-made without re-training.
-    extra = {"overcluster": preds["fusc_overcluster"]} if overcluster else {}
+    return write_model_repository(out, backbone, head, fields, ood_bank=bank)
+
+
+def save_outputs(
+    run_dir: Path,
+    cfg: TrainConfig,
+    data: RunData,
+    preds: dict,
+    emb: np.ndarray,
+    probs: np.ndarray,
+    probs_cluster_step: np.ndarray,
+    backbone: nn.Module,
+    head: nn.Linear,
+    summary: dict,
+) -> None:
+    """Everything the report needs, so it can be re-made without re-training, and the final weights."""
+    extra = {"overcluster": preds["fusc_overcluster"]} if "fusc_overcluster" in preds else {}
     np.savez_compressed(
         run_dir / "outputs.npz",
         embeddings=emb,
         probs=probs,
         probs_cluster_step=probs_cluster_step,
-        frames=frames_np,
-        paths=np.array([str(images.paths[i]) for i in keep]),
-        labels=np.array([lab or "" for lab in labels]),
-        sources=np.array(sources),
-        subjects=np.array(subjects),
-        held_out=held,
+        frames=data.frames,
+        paths=np.array([str(p) for p in data.paths]),
+        labels=np.array([lab or "" for lab in data.labels]),
+        sources=np.array(data.sources),
+        subjects=np.array(data.subjects),
+        held_out=data.held,
         **extra,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -495,9 +603,3 @@ def run_single(
         {"backbone": backbone.state_dict(), "head": head.state_dict(), "config": cfg.model_dump(mode="json")},
         run_dir / "checkpoint.pt",
     )
-    if report:
-        from training.evaluate.report import write_report
-
-        write_report(run_dir)
-    print(f"model repository written to {out} in {summary['seconds']} s; report: {run_dir / 'report.md'}")
-    return summary
