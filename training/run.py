@@ -367,6 +367,7 @@ def run_single(
 ) -> dict:
     """One seed: data -> SSL -> kNN mining -> cluster step -> self-labeling -> measures -> export."""
     t0 = time.time()
+    commit = git_commit(exclude=out)  # the code as it is when the run starts, whatever is edited later
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
     if cfg.threads:
@@ -449,7 +450,7 @@ def run_single(
             "skipped_files": data.skipped,
         }
     )
-    card = export(cfg, out, backbone, head, emb, data, pred, quality, command, device)
+    card = export(cfg, out, backbone, head, emb, data, pred, quality, command, device, commit)
     summary = {
         "seconds": round(time.time() - t0, 1),
         "resumed_stages": stages.ckpt.resumed,
@@ -528,6 +529,7 @@ def export(
     quality: dict,
     command: str,
     device: torch.device,
+    commit: str,
 ):
     """The model repository: ONNX backbone and head, the OOD bank, and the card with names and provenance."""
     train, held = data.train, data.held
@@ -550,7 +552,7 @@ def export(
         phantoms=cfg.phantoms,
         phantom_seed=cfg.phantom_seed,
         phantom_views=list(cfg.phantom_views or (PHANTOM_VIEWS if cfg.phantoms else ())),
-        git_commit=git_commit(exclude=out),
+        git_commit=commit,
         torch_version=torch.__version__,
         device=f"{device.type} ({platform.processor() or platform.machine()})",
         note="cluster names taken from majority labels of the training images" if names else "",
