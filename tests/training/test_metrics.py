@@ -55,3 +55,28 @@ def test_ood_calibration_flags_far_embeddings():
     assert (scores < cal.threshold).mean() <= 0.02 + 1e-9
     far = np.array([0, 0, 1.0, 0])
     assert (far @ cents.T).max() < cal.threshold
+
+
+def test_knn_ood_calibration_on_held_out_images():
+    import numpy as np
+
+    from training.cluster.ood import calibrate_knn, knn_scores
+
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((300, 8)) + [4, 0, 0, 0, 0, 0, 0, 0]
+    held = rng.standard_normal((100, 8)) + [4, 0, 0, 0, 0, 0, 0, 0]
+    far = rng.standard_normal((20, 8)) + [-4, 0, 0, 0, 0, 0, 0, 0]
+    cal, bank = calibrate_knn(train, held, k=5, quantile=0.05, max_bank=200)
+    assert cal.method == "knn_cosine" and bank.dtype == np.float16 and bank.shape == (200, 8)
+    assert np.allclose(np.linalg.norm(bank.astype(np.float32), axis=1), 1, atol=1e-3)
+    assert "held-out" in cal.calibrated_on
+    # The threshold is the held-out quantile: 5 of 100 held-out images fall below it; the far ones all do.
+    held_scores = knn_scores(held, bank.astype(np.float32), 5)
+    assert (held_scores < cal.threshold).sum() == 5
+    assert (knn_scores(far, bank.astype(np.float32), 5) < cal.threshold).all()
+    # Nothing held out: each training image is scored without itself (its own similarity of 1 left out).
+    cal_loo, bank_all = calibrate_knn(train[:150], None, k=5, quantile=0.05)
+    assert len(bank_all) == 150 and "without itself" in cal_loo.calibrated_on
+    with_self = knn_scores(train[:150], bank_all.astype(np.float32), 1)
+    assert np.allclose(with_self, 1, atol=1e-3)
+    assert cal_loo.threshold < 0.999
