@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_bundled_repository_is_complete_and_small():
     card = load_card(BUNDLED_REPOSITORY, verify=True)
     total = sum(p.stat().st_size for p in BUNDLED_REPOSITORY.rglob("*") if p.is_file())
-    assert total <= 20 * 2**20, f"bundled model repository is {total / 2**20:.1f} MiB"
+    assert total <= 32 * 2**20, f"bundled model repository is {total / 2**20:.1f} MiB"
     assert card.demonstration_only
     assert card.provenance.command.startswith("python -m training train")
 
@@ -31,6 +31,13 @@ def test_bundled_model_beats_raw_pixel_kmeans_on_real_planes(tmp_path: Path):
     for server in start_server(BUNDLED_REPOSITORY, tmp_path):
         result = evaluate_service(server.url, f"csv:{FPDB}")
     assert result["n_images"] == 97 and result["n_refused"] == 0
-    model, raw = result["service"], result["kmeans_raw_pixels"]
-    assert model["nmi"] > raw["nmi"], result
-    assert model["acc"] > raw["acc"], result
+    model, raw = result["service"], result["kmeans_raw_pixels"]  # raw: mean over 10 seeds
+    assert model["nmi"] >= 0.45 and model["acc"] >= 0.60, result
+    assert model["nmi"] > raw["nmi"] and model["acc"] > raw["acc"], result
+    assert result["transductive"]  # the bundled model saw these images (without labels): said so
+
+
+def test_bundled_card_records_a_clean_commit():
+    card = load_card(BUNDLED_REPOSITORY, verify=False)
+    assert card.provenance.git_commit and not card.provenance.git_commit.endswith("-dirty")
+    assert card.ood is not None and card.ood.method == "knn_cosine"

@@ -39,7 +39,12 @@ def cluster_via_service(url: str, paths: list[Path], chunk: int = 16) -> list[in
     return out
 
 
-def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
+def evaluate_service(url: str, data: str, seed: int = 0, baseline_seeds: int = 10) -> dict:
+    """The served clusters of a labelled set against its labels, beside k-means on raw pixels with the same
+    K over ``baseline_seeds`` seeds (mean ± std and each seed's figures: one seed can be far from typical).
+
+    ``transductive`` says whether the served model's card lists this data set among its training data (it
+    then saw these images, without labels, while it learned)."""
     images = read_spec(data)
     keep = [i for i, lab in enumerate(images.labels) if lab]
     paths = [images.paths[i] for i in keep]
@@ -49,8 +54,22 @@ def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
     clusters = cluster_via_service(url, paths)
     served = np.array([c is not None for c in clusters])
     pred = np.array([c if c is not None else -1 for c in clusters])
-    raw = KMeans(n_clusters=min(k, len(paths)), n_init=10, random_state=seed).fit_predict(
-        raw_pixels(decode_image(p.read_bytes()) for p in paths)
+    pixels = raw_pixels(decode_image(p.read_bytes()) for p in paths)
+    raw_runs = [
+        cluster_metrics(
+            KMeans(n_clusters=min(k, len(paths)), n_init=10, random_state=seed + s).fit_predict(pixels),
+            labels,
+        )
+        for s in range(baseline_seeds)
+    ]
+    raw_mean = {m: float(np.mean([r[m] for r in raw_runs])) for m in raw_runs[0]}
+    raw_std = {
+        m: float(np.std([r[m] for r in raw_runs], ddof=1)) if len(raw_runs) > 1 else 0.0 for m in raw_runs[0]
+    }
+    source = data.split(":", 1)[-1]
+    trained_on = model.get("provenance", {}).get("data", [])
+    transductive = any(
+        Path(spec.split(":", 1)[-1]).resolve() == Path(source).resolve() for spec in trained_on
     )
     classes, counts = np.unique(labels, return_counts=True)
     return {
@@ -60,8 +79,11 @@ def evaluate_service(url: str, data: str, seed: int = 0) -> dict:
         "classes": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
         "model_version": model.get("version"),
         "k": k,
+        "transductive": transductive,
         "service": cluster_metrics(pred[served], labels[served]),
-        "kmeans_raw_pixels": cluster_metrics(raw, labels),
+        "kmeans_raw_pixels": raw_mean,
+        "kmeans_raw_pixels_std": raw_std,
+        "kmeans_raw_pixels_seeds": raw_runs,
         "cluster_sizes": {str(c): int(n) for c, n in zip(*np.unique(pred, return_counts=True), strict=True)},
     }
 
