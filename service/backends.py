@@ -12,9 +12,10 @@ from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
 from service.card import ModelCard, OnnxModel
-from service.errors import BackendUnavailableError, FuscError, ModelRepositoryError
+from service.errors import BackendUnavailableError, FuscError, ModelFailedError, ModelRepositoryError
 from service.settings import Settings
 
 logger = logging.getLogger("fusc.service")
@@ -65,6 +66,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        # Idle intra-op threads would otherwise spin for a while after each batch, taking the cores that the
+        # preprocessing threads need between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._backbone = self._open(card.backbone, repository, options)
         self._head = self._open(card.head, repository, options)
         self._check_shapes()
@@ -98,10 +102,15 @@ class OnnxRuntimeBackend:
     def _run(self, session: ort.InferenceSession, model: OnnxModel, x: np.ndarray) -> np.ndarray:
         try:
             (out,) = session.run([model.output_name], {model.input_name: x})
+        except EPFail as exc:
+            # The execution provider (a GPU) failed: possibly transient, so the caller may retry.
+            logger.error("ONNX Runtime's execution provider failed in %s: %s", model.name, exc)
+            raise BackendUnavailableError(f"the inference backend failed to run {model.name}") from exc
         except Exception as exc:
+            # The model raised on this input (a bad shape, a failing operator): the same call fails again.
             # The message can name shapes and ORT internals but never the image or its sender.
             logger.error("ONNX Runtime failed in %s: %s", model.name, exc)
-            raise BackendUnavailableError(f"the inference backend failed to run {model.name}") from exc
+            raise ModelFailedError(f"the model {model.name} failed on this input") from exc
         return np.asarray(out, dtype=np.float32)
 
     def embed(self, x: np.ndarray) -> np.ndarray:

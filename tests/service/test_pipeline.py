@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from service.backends import BackendNotSupportedError, OnnxRuntimeBackend, make_backend
 from service.card import CARD_FILENAME, load_card
-from service.errors import BackendUnavailableError, FuscError, ModelRepositoryError
+from service.errors import BackendUnavailableError, FuscError, ModelFailedError, ModelRepositoryError
 from service.pipeline import ClusterResult, Pipeline, load_pipeline
 from service.settings import DEFAULT_MODEL_REPOSITORY, Settings, SettingsError
 from tests.service.conftest import (
@@ -110,11 +110,12 @@ def test_backend_failure_raises_for_the_whole_call(pipeline: Pipeline, good_png:
     assert info.value.http_status == 503
 
 
-def test_onnxruntime_errors_become_503(tiny_repo: Path) -> None:
+def test_onnxruntime_failure_on_an_input_is_a_500_not_a_retry(tiny_repo: Path) -> None:
     backend = OnnxRuntimeBackend(tiny_repo, load_card(tiny_repo))
     assert backend.describe()["providers"] == ["CPUExecutionProvider"]
-    with pytest.raises(BackendUnavailableError):
+    with pytest.raises(ModelFailedError) as info:
         backend.embed(np.zeros((1, 1, 7, 7), np.float32))  # wrong spatial size for the MatMul
+    assert (info.value.code, info.value.http_status) == ("model_failed", 500)
 
 
 def copy_repo(src: Path, dst: Path) -> Path:
