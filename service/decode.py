@@ -251,9 +251,9 @@ def _ybr_to_rgb(ybr: np.ndarray) -> np.ndarray:
 def _to_gray8(img: np.ndarray, *, rgb: bool) -> np.ndarray:
     """Any decoded array (HxW or HxWxC; uint8/uint16/other) -> uint8 HxW, C-contiguous."""
     if img.dtype == np.uint16:
-        img = ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        img = _map_blocks(img, lambda b: ((b.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
     elif img.dtype != np.uint8:
-        img = _stretch(img.astype(np.float64))
+        img = _stretch(img)
     if img.ndim == 3:
         channels = img.shape[2]
         if channels == 1:
@@ -269,15 +269,50 @@ def _to_gray8(img: np.ndarray, *, rgb: bool) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
-def _stretch(x: np.ndarray) -> np.ndarray:
-    """Min-max stretch to 0..255; a constant image becomes black."""
-    finite = np.isfinite(x)
-    if not finite.all():
-        x = np.where(finite, x, 0.0)
-    lo, hi = float(x.min()), float(x.max())
-    if hi <= lo:
+# Pixel mappings run in float64 on blocks of rows of about this many values: the result is the same as one
+# float64 pass over the whole frame, but a 50-megapixel 16-bit frame needs a few MB on top of itself instead
+# of 400 MB per temporary array.
+_BLOCK_VALUES = 1 << 18
+
+
+def _blocks(shape: tuple[int, ...]) -> Iterator[slice]:
+    """Slices of whole rows (axis 0) holding about ``_BLOCK_VALUES`` values each."""
+    per_row = max(1, int(np.prod(shape[1:], dtype=np.int64)))
+    step = max(1, _BLOCK_VALUES // per_row)
+    for start in range(0, shape[0], step):
+        yield slice(start, min(start + step, shape[0]))
+
+
+def _map_blocks(x: np.ndarray, fn) -> np.ndarray:
+    """``fn`` (an elementwise mapping to uint8) applied block by block: uint8 of ``x``'s shape."""
+    out = np.empty(x.shape, np.uint8)
+    for rows in _blocks(x.shape):
+        out[rows] = fn(x[rows])
+    return out
+
+
+def _as_float64(x: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """One block in float64, rescaled (DICOM modality LUT) when asked, non-finite values as 0."""
+    v = x.astype(np.float64)
+    if slope != 1.0 or intercept != 0.0:
+        v *= slope
+        v += intercept
+    finite = np.isfinite(v)
+    return v if finite.all() else np.where(finite, v, 0.0)
+
+
+def _stretch(x: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """Min-max stretch of ``x * slope + intercept`` to 0..255 in float64 (non-finite values count as 0);
+    a constant image becomes black. Any numeric dtype; computed block by block."""
+    lo, hi = np.inf, -np.inf
+    for rows in _blocks(x.shape):
+        v = _as_float64(x[rows], slope, intercept)
+        if v.size:
+            lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+    if not hi > lo:
         return np.zeros(x.shape, np.uint8)
-    return np.rint((x - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    scale = 255.0 / (hi - lo)
+    return _map_blocks(x, lambda b: np.rint((_as_float64(b, slope, intercept) - lo) * scale).astype(np.uint8))
 
 
 def _decode_raster(data: bytes) -> np.ndarray:
@@ -528,19 +563,35 @@ def _dicom_frame_to_gray8(ds, arr: np.ndarray, photometric: str) -> np.ndarray:
             return gray
         return _to_gray8(arr, rgb=True)  # RGB; 16-bit colour is rare and _to_gray8 handles it
 
-    x = arr.astype(np.float64)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    x = x * slope + intercept
     center, width = _first_window(ds)
+
+    def rescaled(block: np.ndarray) -> np.ndarray:
+        v = block.astype(np.float64)
+        v *= slope
+        v += intercept
+        return v
+
     if center is not None and width is not None and width >= 1:
         # DICOM PS3.3 C.11.2.1.2.1 linear VOI function, onto 0..255.
-        y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0
-        out = np.rint(np.clip(y, 0, 255)).astype(np.uint8)
-    elif int(ds.get("BitsStored", 8) or 8) <= 8 and slope == 1 and intercept == 0 and x.min() >= 0:
-        out = np.clip(x, 0, 255).astype(np.uint8)
+        c, w = center, width
+        out = _map_blocks(
+            arr,
+            lambda b: np.rint(np.clip(((rescaled(b) - (c - 0.5)) / (w - 1) + 0.5) * 255.0, 0, 255)).astype(
+                np.uint8
+            ),
+        )
+    elif (
+        int(ds.get("BitsStored", 8) or 8) <= 8
+        and slope == 1
+        and intercept == 0
+        and arr.size
+        and float(arr.min()) >= 0
+    ):
+        out = _map_blocks(arr, lambda b: np.clip(rescaled(b), 0, 255).astype(np.uint8))
     else:
-        out = _stretch(x)
+        out = _stretch(arr, slope, intercept)
     if photometric == "MONOCHROME1":
         out = 255 - out
     return np.ascontiguousarray(out)
