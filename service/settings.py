@@ -32,7 +32,7 @@ class Settings(BaseModel):
 
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     backend: Literal["onnxruntime", "triton"] = "onnxruntime"
-    # Triton: "host:port" of its HTTP endpoint; only read when backend == "triton".
+    # Triton: "host:port" of its endpoint for triton_protocol (below); only read when backend == "triton".
     triton_url: str = "127.0.0.1:8000"
     # One upload (one file) may not exceed this; DICOM cine loops are the large case.
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
@@ -52,6 +52,17 @@ class Settings(BaseModel):
     ort_intra_op_threads: int = Field(default=0, ge=0)
     retry_after_s: int = Field(default=5, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Triton
+    # FUSC_TRITON_URL above is the endpoint of this protocol: "host:8000" for HTTP, "host:8001" for gRPC.
+    triton_protocol: Literal["http", "grpc"] = "http"
+    # Longest wait for one model call; past it the call answers 503 backend_unavailable (retryable).
+    triton_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Connecting and readiness checks: short, so that a lost server shows in /readyz within one probe.
+    triton_connect_timeout_s: float = Field(default=1.0, gt=0, le=30)
+    # max_batch_size that `python -m service.triton repo` writes into every model; the backend also splits
+    # a larger call into pieces of the server's own max_batch_size.
+    triton_max_batch_size: int = Field(default=64, gt=0, le=1024)
 
     @model_validator(mode="after")
     def _batch_fits(self) -> Settings:

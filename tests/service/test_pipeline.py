@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.backends import BackendNotSupportedError, OnnxRuntimeBackend, make_backend
+from service.backends import OnnxRuntimeBackend
 from service.card import CARD_FILENAME, load_card
 from service.errors import BackendUnavailableError, FuscError, ModelFailedError, ModelRepositoryError
 from service.pipeline import ClusterResult, Pipeline, load_pipeline
@@ -163,13 +163,6 @@ def test_settings_from_env(tmp_path: Path) -> None:
         Settings.from_env({"FUSC_MAX_UPLOAD_BYTES": "lots"})
     with pytest.raises(SettingsError):
         Settings.from_env({"FUSC_MAX_BATCH_FILES": "64", "FUSC_BATCH_MAX_SIZE": "16"})
-
-
-def test_triton_backend_is_a_clear_config_error(tiny_repo: Path) -> None:
-    settings = Settings(model_repository=tiny_repo, backend="triton")
-    with pytest.raises(BackendNotSupportedError) as info:
-        make_backend(settings, load_card(tiny_repo))
-    assert info.value.code == "backend_not_supported"
 
 
 def test_ood_flag_follows_the_card_calibration(tiny_repo: Path, good_png: bytes) -> None:
