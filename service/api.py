@@ -1,48 +1,42 @@
 """The HTTP face of the data path: the BentoML 1.4 service, ``bentoml serve service.api:FuscService``.
 
 Public routes live in a small Starlette app mounted at ``/v1`` with ``@bentoml.asgi_app``: ``@bentoml.api``
-validates its inputs before our code runs and answers a missing field with BentoML's own error JSON.
-Mounted, we parse the multipart body ourselves (streamed, refused once past a byte limit), and every error is
+would validate inputs before our code runs and answer in BentoML's own error JSON. Every error is
 ``{"error": {"code", "message"}}`` with the exact status of its FuscError, plus ``Retry-After`` on 503.
 
-Batching: concurrent requests share one model call through BentoML's adaptive batcher (``CorkDispatcher``,
-the algorithm behind ``@bentoml.api(batchable=True)``), driven in-process. The public way to reach it from a
-mounted app is an HTTP hop through the service's self-client; measured here, that hop cost 10-30 ms per
-request (tensors serialised to JSON) and BentoML 1.4.39's self-client drops the calls in flight each time it
-recycles its session (every 100 calls). ``CorkDispatcher`` is internal to BentoML, hence the exact pin of
-bentoml in pyproject.toml; ``FUSC_ADAPTIVE_BATCHING=off`` makes each HTTP request one model call (the batch
-endpoint still batches its own files).
+Every image route takes the same path: API key (:class:`FrontDoor`) -> admission before the body is read
+-> the multipart body streamed into memory within its limits (:mod:`service.uploads`) -> decode + clean on
+a thread pool -> one model call batched with other requests' images -> :meth:`Pipeline.answers`
+(:mod:`service.batching`). ``/v1/cluster`` and ``/v1/embed`` are that path with one file.
+
+:class:`FrontDoor`, an ASGI middleware in front of BentoML's own routes, serves the OpenAPI document at
+``/docs.json`` and a docs page at ``/`` and ``/docs`` (BentoML's page loads third-party scripts), answers a
+failed ``/readyz`` in the JSON error shape, and checks API keys on ``/v1`` when ``FUSC_API_KEYS`` is set.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hmac
+import json
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import anyio.to_thread
 import bentoml
-import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from service import metrics
-from service.errors import (
-    BackendUnavailableError,
-    BadRequestError,
-    FuscError,
-    ImageTooLargeError,
-)
-from service.pipeline import BatchResponse, ClusterResult, ErrorResponse, Pipeline, Prepared, load_pipeline
+from service.batching import Scheduler
+from service.errors import BadRequestError, FuscError, ImageTooLargeError, NotReadyError, UnauthorizedError
+from service.openapi import build_openapi, docs_page
+from service.pipeline import BatchResponse, ErrorResponse, Kind, Pipeline, load_pipeline
 from service.settings import Settings
+from service.uploads import read_files
 
 logger = logging.getLogger("fusc.service")
 
@@ -50,85 +44,17 @@ logger = logging.getLogger("fusc.service")
 SETTINGS = Settings.from_env()
 # Room for multipart boundaries and part headers on top of the file bytes themselves.
 _MULTIPART_OVERHEAD = 64 * 1024
-
-
-def _row_dtype(num_clusters: int) -> np.dtype:
-    """One image's model output as the batcher passes it around: it concatenates and splits numpy arrays."""
-    return np.dtype(
-        [("probs", "<f4", (num_clusters,)), ("ood_score", "<f4"), ("embed_ms", "<f8"), ("assign_ms", "<f8")]
-    )
+V1_ROUTES = {"/v1/cluster": "POST", "/v1/cluster/batch": "POST", "/v1/embed": "POST", "/v1/model": "GET"}
 
 
 # ------------------------------------------------------------------------------------------------ errors
-def error_response(exc: FuscError, retry_after_s: int) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after_s)} if exc.http_status == 503 else None
+def error_response(exc: FuscError, retry_after_s: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if exc.http_status == 503:
+        headers["Retry-After"] = str(retry_after_s)
+    if exc.http_status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(ErrorResponse.of(exc).model_dump(), status_code=exc.http_status, headers=headers)
-
-
-class NotReadyError(BackendUnavailableError):
-    code = "model_not_loaded"
-
-
-class OverloadedError(BackendUnavailableError):
-    """The batcher predicts that this call cannot finish within ``batch_max_latency_ms``: shed, not queued."""
-
-    code = "overloaded"
-
-
-# ----------------------------------------------------------------------------------------- multipart
-async def _limited(stream: AsyncGenerator[bytes, None], limit: int) -> AsyncGenerator[bytes, None]:
-    total = 0
-    async for chunk in stream:
-        total += len(chunk)
-        if total > limit:
-            raise ImageTooLargeError(f"the request body is larger than the limit of {limit} bytes")
-        yield chunk
-
-
-async def read_uploads(request: Request, field: str, *, max_files: int, settings: Settings) -> list[bytes]:
-    """The bytes of every file sent in multipart ``field``; the body is refused once it passes the limit.
-
-    A single file over ``max_upload_bytes`` inside a batch is that item's 413, answered by the pipeline.
-    """
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise BadRequestError(
-            f"send the image as a multipart/form-data file field named '{field}'",
-            code="unsupported_media_type",
-            http_status=415,
-        )
-    limit = min(max_files * settings.max_upload_bytes, settings.max_request_bytes) + _MULTIPART_OVERHEAD
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ImageTooLargeError(f"the request body is larger than the limit of {limit} bytes")
-    # One more file than allowed, so that "too many" gets our message rather than the parser's.
-    parser = MultiPartParser(
-        request.headers, _limited(request.stream(), limit), max_files=max_files + 1, max_fields=16
-    )
-    try:
-        form = await parser.parse()
-    except (MultiPartException, HTTPException, ValueError, KeyError) as exc:
-        logger.info("malformed multipart body (%s)", type(exc).__name__)
-        raise BadRequestError(
-            "the multipart/form-data body is malformed", code="malformed_multipart"
-        ) from exc
-    try:
-        items = form.getlist(field)
-        if not items:
-            raise BadRequestError(f"the multipart field '{field}' is missing", code="missing_field")
-        if len(items) > max_files:
-            raise BadRequestError(
-                f"at most {max_files} file(s) may be sent in '{field}' per request", code="too_many_files"
-            )
-        uploads: list[bytes] = []
-        for item in items:
-            if not isinstance(item, UploadFile):
-                raise BadRequestError(f"the field '{field}' must be a file upload, not a text value")
-            # The caller's file name (item.filename) is deliberately never read: it may name the patient.
-            uploads.append(await item.read())
-        return uploads
-    finally:
-        await form.close()
 
 
 # ------------------------------------------------------------------------------------------- handlers
@@ -137,7 +63,7 @@ def _service() -> tuple[FuscService, Pipeline]:
         svc = bentoml.get_current_service()
     except BentoMLException:
         svc = None
-    if not isinstance(svc, FuscService.inner) or svc.pipeline is None:
+    if not isinstance(svc, FuscService.inner) or svc.pipeline is None or svc.scheduler is None:
         raise NotReadyError("the model is not loaded; the server log says why")
     return svc, svc.pipeline
 
@@ -170,42 +96,55 @@ def _endpoint(name: str, handler: Handler) -> Callable[[Request], Awaitable[Resp
     return endpoint
 
 
-async def _cluster_one(request: Request, svc: FuscService, pipeline: Pipeline) -> Response:
-    (data,) = await read_uploads(request, "image", max_files=1, settings=svc.settings)
-    prepared = await anyio.to_thread.run_sync(pipeline.prepare, data)
-    (row,) = await svc.model_call([prepared])
-    result = pipeline.result(
-        prepared, row["probs"], float(row["embed_ms"]), float(row["assign_ms"]), float(row["ood_score"])
-    )
-    return JSONResponse(result.model_dump())
+async def answer_images(
+    request: Request, svc: FuscService, pipeline: Pipeline, *, field: str, max_files: int, kind: Kind
+) -> list[Any]:
+    """The one path of every image route: admission, uploads, preprocessing, batched model, answers."""
+    settings, scheduler = svc.settings, svc.scheduler
+    assert scheduler is not None
+    max_body = min(max_files * settings.max_upload_bytes, settings.max_request_bytes) + _MULTIPART_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    declared_bytes = int(declared) if declared.isdigit() else None
+    if declared_bytes is not None and declared_bytes > max_body:
+        # Too large is the caller's fault whatever the load: 413 before admission (which would say 503).
+        raise ImageTooLargeError(f"the request body is larger than the limit of {max_body} bytes")
+    ticket = scheduler.admission.enter(declared_bytes)
+    try:
+        try:
+            uploads = await read_files(
+                request.headers,
+                request.stream(),
+                field,
+                max_files=max_files,
+                max_file_bytes=settings.max_upload_bytes,
+                max_body_bytes=max_body,
+                on_bytes=ticket.received,
+            )
+        except ClientDisconnect as exc:
+            raise BadRequestError("the request body ended early", code="malformed_multipart") from exc
+        ticket.add_images(sum(isinstance(u, bytes) for u in uploads))
+        prepared = await scheduler.prepare(uploads, ticket)
+        inference = await scheduler.infer(prepared)
+        return pipeline.answers(prepared, inference, kind)
+    finally:
+        ticket.close()
+
+
+def _single(kind: Kind) -> Handler:
+    async def handler(request: Request, svc: FuscService, pipeline: Pipeline) -> Response:
+        (answer,) = await answer_images(request, svc, pipeline, field="image", max_files=1, kind=kind)
+        if isinstance(answer, FuscError):  # already counted where it was answered
+            return error_response(answer, svc.settings.retry_after_s)
+        return JSONResponse(answer.model_dump())
+
+    return handler
 
 
 async def _cluster_batch(request: Request, svc: FuscService, pipeline: Pipeline) -> Response:
-    uploads = await read_uploads(
-        request, "images", max_files=svc.settings.max_batch_files, settings=svc.settings
+    answers = await answer_images(
+        request, svc, pipeline, field="images", max_files=svc.settings.max_batch_files, kind="cluster"
     )
-
-    def prepare(data: bytes) -> Prepared | FuscError:
-        try:
-            return pipeline.prepare(data)
-        except FuscError as exc:
-            return exc
-
-    prepared = await asyncio.gather(*(anyio.to_thread.run_sync(prepare, d) for d in uploads))
-    good = [p for p in prepared if isinstance(p, Prepared)]
-    rows = iter(await svc.model_call(good)) if good else iter(())
-    results: list[ClusterResult | ErrorResponse] = []
-    for p in prepared:
-        if isinstance(p, FuscError):
-            metrics.count_error(p.code)  # counted where answered, like the errors of a whole request
-            results.append(ErrorResponse.of(p))
-        else:
-            row = next(rows)
-            results.append(
-                pipeline.result(
-                    p, row["probs"], float(row["embed_ms"]), float(row["assign_ms"]), float(row["ood_score"])
-                )
-            )
+    results = [ErrorResponse.of(a) if isinstance(a, FuscError) else a for a in answers]
     return JSONResponse(BatchResponse(results=results).model_dump())
 
 
@@ -214,20 +153,107 @@ async def _model_summary(request: Request, svc: FuscService, pipeline: Pipeline)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's own 404/405 in our JSON shape, so that every answer under /v1 parses the same way."""
+    """Starlette's own 404/405 in our JSON shape (405 keeps its Allow header), counted like the rest."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
-    return error_response(FuscError(str(getattr(exc, "detail", "")), code=code, http_status=status), 1)
+    headers = dict(getattr(exc, "headers", None) or {})
+    metrics.count_error(code)
+    return error_response(
+        FuscError(str(getattr(exc, "detail", "")), code=code, http_status=status), 1, headers
+    )
 
 
 app = Starlette(
     routes=[
-        Route("/cluster", _endpoint("cluster", _cluster_one), methods=["POST"]),
+        Route("/cluster", _endpoint("cluster", _single("cluster")), methods=["POST"]),
         Route("/cluster/batch", _endpoint("cluster_batch", _cluster_batch), methods=["POST"]),
+        Route("/embed", _endpoint("embed", _single("embed")), methods=["POST"]),
         Route("/model", _endpoint("model", _model_summary), methods=["GET"]),
     ],
     exception_handlers={HTTPException: _http_error},
 )
+
+
+# ------------------------------------------------------------------------------------------ front door
+def _key_matches(presented: str, keys: tuple[str, ...]) -> bool:
+    """Constant-time against every configured key (no early exit, so timing tells nothing)."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented.encode(), key.encode())
+    return found
+
+
+def _presented_key(headers: dict[bytes, bytes]) -> str:
+    auth = headers.get(b"authorization", b"").decode("latin-1").strip()
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return headers.get(b"x-api-key", b"").decode("latin-1").strip()
+
+
+class FrontDoor:
+    """ASGI middleware before BentoML's routes: docs, /readyz's JSON failure, API keys on /v1."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._doc: bytes | None = None
+        self._page: bytes | None = None
+
+    def _instance(self) -> FuscService | None:
+        try:
+            svc = bentoml.get_current_service()
+        except BentoMLException:
+            return None
+        return svc if isinstance(svc, FuscService.inner) else None
+
+    def _docs(self) -> tuple[bytes, bytes]:
+        if self._doc is None or self._page is None:
+            svc = self._instance()
+            settings = svc.settings if svc is not None else SETTINGS
+            version = svc.pipeline.card.version if svc is not None and svc.pipeline is not None else "unknown"
+            doc = build_openapi(settings, version)
+            self._doc, self._page = json.dumps(doc).encode(), docs_page(doc).encode()
+        return self._doc, self._page
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if method in ("GET", "HEAD") and path in ("/docs.json", "/", "/docs"):
+            doc, page = self._docs()
+            if path == "/docs.json":
+                response: Response = Response(doc, media_type="application/json")
+            else:
+                response = Response(page, media_type="text/html; charset=utf-8")
+                # The page needs nothing from anywhere; say so to the browser too.
+                response.headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline'"
+            await response(scope, receive, send)
+            return
+        if path == "/readyz":
+            svc = self._instance()
+            if svc is None or not svc.__is_ready__():
+                retry = svc.settings.retry_after_s if svc is not None else SETTINGS.retry_after_s
+                error = NotReadyError(
+                    "the service is not ready: the model is not loaded or the backend is down"
+                )
+                await error_response(error, retry)(scope, receive, send)
+                return
+        elif path == "/v1" or path.startswith("/v1/"):
+            svc = self._instance()
+            keys = svc.settings.api_keys if svc is not None else SETTINGS.api_keys
+            if keys and not _key_matches(_presented_key(dict(scope["headers"])), keys):
+                metrics.count_error("unauthorized")
+                error = UnauthorizedError(
+                    "an API key is required: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+                )
+                await error_response(error, 1)(scope, receive, send)
+                return
+            if path not in V1_ROUTES:
+                metrics.count_error("not_found")
+                error = FuscError(f"there is no route {path}", code="not_found", http_status=404)
+                await error_response(error, 1)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -------------------------------------------------------------------------------------------- service
@@ -238,8 +264,7 @@ class FuscService:
         self.settings = Settings.from_env()
         logging.getLogger("fusc").setLevel(self.settings.log_level)
         self.pipeline: Pipeline | None = None
-        self.batching = False
-        self._batcher: Callable[[np.ndarray], Awaitable[np.ndarray]] | None = None
+        self.scheduler: Scheduler | None = None
         try:
             self.pipeline = load_pipeline(self.settings)
         except FuscError as exc:
@@ -248,74 +273,57 @@ class FuscService:
             # instead the process stays alive and unready, and every call answers 503 model_not_loaded.
             logger.error("the model was not loaded (%s): %s", exc.code, exc.message)
             return
+        self.scheduler = Scheduler(self.pipeline, self.settings)
         card = self.pipeline.card
-        self._rows = _row_dtype(card.num_clusters)
-        self.batching = self.settings.adaptive_batching == "on"
-        dispatcher: CorkDispatcher[np.ndarray, np.ndarray] = CorkDispatcher(
-            max_latency_in_ms=self.settings.batch_max_latency_ms,
-            max_batch_size=self.settings.batch_max_size,
-            fallback=self._overloaded,
-            get_batch_size=len,
-            batch_dim=(0, 0),
-        )
-        self._dispatcher = dispatcher
-        self._batcher = dispatcher(self._run_batch)
         metrics.set_model_info(card.name, card.version, self.pipeline.backend.name)
         logger.info(
-            "serving model %s %s (K=%d), adaptive batching %s, preprocessing %s",
+            "serving model %s %s (K=%d), batching %s (at most %d images, %.1f ms wait), %d preprocessing "
+            "threads, %d ONNX Runtime threads, API keys %s, preprocessing %s",
             card.name,
             card.version,
             card.num_clusters,
-            "on" if self.batching else "off",
+            self.settings.adaptive_batching,
+            self.settings.batch_max_size,
+            self.settings.batch_max_wait_ms,
+            self.settings.preprocess_workers,
+            self.settings.ort_threads,
+            "on" if self.settings.api_keys else "off",
             card.preprocess,
         )
 
     def __is_ready__(self) -> bool:
-        return self.pipeline is not None and self.pipeline.backend.ready()
+        return self.pipeline is not None and self.scheduler is not None and self.pipeline.backend.ready()
 
     @bentoml.on_shutdown
-    def _stop_batcher(self) -> None:
-        if self.pipeline is not None:
-            self._dispatcher.shutdown()
+    async def _stop_scheduler(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.close()
 
     def summary(self) -> dict[str, Any]:
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self.scheduler is not None
         card = self.pipeline.card
+        s = self.settings
         return {
             # The OOD centroids are K x D numbers of no use to a reader; the threshold stays.
             **card.model_dump(mode="json", exclude={"ood": {"centroids"}}),
-            "backend": {**self.pipeline.backend.describe(), "adaptive_batching": self.batching},
+            "backend": {**self.pipeline.backend.describe(), "adaptive_batching": s.adaptive_batching == "on"},
             "limits": {
-                "max_upload_bytes": self.settings.max_upload_bytes,
-                "max_request_bytes": self.settings.max_request_bytes,
-                "max_pixels": self.settings.max_pixels,
-                "max_batch_files": self.settings.max_batch_files,
+                "max_upload_bytes": s.max_upload_bytes,
+                "max_request_bytes": s.max_request_bytes,
+                "max_pixels": s.max_pixels,
+                "max_batch_files": s.max_batch_files,
+                "max_concurrent_requests": s.max_concurrent_requests,
+                "max_inflight_bytes": s.max_inflight_bytes,
+                "max_queued_images": s.max_queued_images,
+                "batch_max_size": s.batch_max_size,
+                "batch_max_wait_ms": s.batch_max_wait_ms,
+                "batch_max_latency_ms": s.batch_max_latency_ms,
+                "preprocess_threads": s.preprocess_workers,
+                "ort_intra_op_threads": s.ort_threads,
             },
+            "load": self.scheduler.snapshot(),
+            "drift": self.pipeline.mix.snapshot(),
         }
 
-    def _infer_rows(self, x: np.ndarray) -> np.ndarray:
-        """embed + assign on [N,1,S,S]; one structured row per image (probabilities and batch timings)."""
-        assert self.pipeline is not None
-        out = self.pipeline.infer(x)
-        rows = np.empty(len(x), dtype=self._rows)
-        rows["probs"] = out.probs
-        rows["ood_score"] = out.ood_score
-        rows["embed_ms"] = out.embed_ms
-        rows["assign_ms"] = out.assign_ms
-        return rows
 
-    async def _run_batch(self, jobs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The batcher's callback: the queued requests' tensors in one model call, the rows split back."""
-        rows = await anyio.to_thread.run_sync(self._infer_rows, np.concatenate(jobs))
-        return np.split(rows, np.cumsum([len(j) for j in jobs])[:-1])
-
-    @staticmethod
-    def _overloaded() -> np.ndarray:
-        raise OverloadedError("the service is overloaded; retry shortly")
-
-    async def model_call(self, prepared: list[Prepared]) -> np.ndarray:
-        """Rows for these images, through the adaptive batcher when it is on (shared with other requests)."""
-        x = np.stack([p.tensor for p in prepared])
-        if self._batcher is None or not self.batching:
-            return await anyio.to_thread.run_sync(self._infer_rows, x)
-        return await self._batcher(x)
+FuscService.add_asgi_middleware(FrontDoor)

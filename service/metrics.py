@@ -23,7 +23,7 @@ STAGE_LATENCY = Histogram(
 )
 BATCH_SIZE = Histogram(
     "fusc_batch_size",
-    "Number of images in one model call (after adaptive batching).",
+    "Number of images in one model call (after batching across requests).",
     buckets=_BATCH_BUCKETS,
 )
 CLUSTER_ASSIGNMENTS = Counter(
@@ -55,6 +55,39 @@ MODEL_INFO = Gauge(
     "The model version this process serves (value 1).",
     ["name", "version", "backend"],
     multiprocess_mode="liveall",
+)
+
+# Admission and batching (service/batching.py). "livesum": one value per live worker, summed.
+INFLIGHT_REQUESTS = Gauge(
+    "fusc_inflight_requests",
+    "Requests admitted and not yet answered.",
+    multiprocess_mode="livesum",
+)
+INFLIGHT_BYTES = Gauge(
+    "fusc_inflight_bytes",
+    "Upload bytes held by admitted requests.",
+    multiprocess_mode="livesum",
+)
+INFLIGHT_IMAGES = Gauge(
+    "fusc_inflight_images",
+    "Images admitted and not yet answered (decoding, cleaning, queued for or in a model batch).",
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT = Histogram(
+    "fusc_queue_wait_seconds",
+    "Time an image waited between its preprocessing and the start of its model batch.",
+    buckets=_LATENCY_BUCKETS,
+)
+# Drift (service/drift.py): the mix of the last N answers against the training mix of the model card.
+CLUSTER_MIX_DIVERGENCE = Gauge(
+    "fusc_cluster_mix_divergence",
+    "Jensen-Shannon divergence (base 2, 0..1) of the cluster mix of the last N answers from training.",
+    multiprocess_mode="livemax",
+)
+CLUSTER_MIX_ANSWERS = Gauge(
+    "fusc_cluster_mix_answers",
+    "Answers in the window behind fusc_cluster_mix_divergence (N once the window is full).",
+    multiprocess_mode="livemax",
 )
 
 

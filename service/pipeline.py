@@ -1,7 +1,8 @@
 """The whole data path for one request: bytes -> decode -> clean -> embed -> assign -> ClusterResult.
 
-No HTTP here. The steps are public (``prepare``, ``infer``, ``result``) so that the service can put its
-adaptive batcher between them; ``cluster`` chains them for a list of images in one model call.
+No HTTP here. The steps are public so that the service can schedule them (service/batching.py: a thread
+pool for ``prepare``, batches across requests for ``infer``); ``prepare_each`` and ``answers`` are shared
+by that path and by ``cluster``, which chains the steps for a list of images in one model call.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
 from pydantic import BaseModel
@@ -20,6 +21,7 @@ from service.backends import Backend, make_backend
 from service.card import ModelCard, load_card
 from service.clean import preprocess
 from service.decode import decode_image
+from service.drift import ClusterMix
 from service.errors import DecodeError, EmptyInputError, FuscError, ImageTooLargeError, ModelRepositoryError
 from service.settings import Settings
 
@@ -87,6 +89,19 @@ class BatchResponse(BaseModel):
     results: list[ClusterResult | ErrorResponse]
 
 
+class EmbedResult(BaseModel):
+    """One image's embedding: the backbone's output, L2-normalised (unit length), as the head sees it."""
+
+    embedding: list[float]
+    dim: int
+    model_version: str
+    timings_ms: Timings
+
+
+Kind = Literal["cluster", "embed"]
+Answer = Union[ClusterResult, EmbedResult, FuscError]  # noqa: UP007 (a runtime alias)
+
+
 @dataclass(frozen=True)
 class Prepared:
     """One image ready for the model: the (1,S,S) tensor and what it cost to get there."""
@@ -98,10 +113,21 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Inference:
+    embeddings: np.ndarray  # float32 [N,D], unit rows
     probs: np.ndarray  # float32 [N,K]
     ood_score: np.ndarray  # float32 [N]: the card's OOD score (see OODCalibration); nan: no calibration
-    embed_ms: float
+    embed_ms: float  # of the whole model batch
     assign_ms: float
+
+    def rows(self, start: int, stop: int) -> Inference:
+        """Rows start..stop (one request's images of a shared batch), with the batch's timings."""
+        return Inference(
+            self.embeddings[start:stop],
+            self.probs[start:stop],
+            self.ood_score[start:stop],
+            self.embed_ms,
+            self.assign_ms,
+        )
 
 
 def _ms(seconds: float) -> float:
@@ -148,6 +174,7 @@ class Pipeline:
         repository: Path | None = None,
         max_bytes: int = 64 * 1024 * 1024,
         max_pixels: int = 50_000_000,
+        drift_window: int = 1000,
     ) -> None:
         """``repository`` is where the card's files other than the ONNX models (the OOD bank) are read
         from; a ``knn_cosine`` card needs it."""
@@ -155,6 +182,7 @@ class Pipeline:
         self.backend = backend
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.mix = ClusterMix.from_card(card, drift_window)
         size = card.preprocess.size
         self.input_shape = (1, size, size)
         self.centroids: np.ndarray | None = None  # float32 [D, K]: centroid_cosine
@@ -225,7 +253,8 @@ class Pipeline:
         return Prepared(tensor=tensor, decode_ms=_ms(t1 - t0), clean_ms=_ms(t2 - t1))
 
     def infer(self, x: np.ndarray) -> Inference:
-        """embed + assign one batch [N,1,S,S]; a backend failure raises BackendUnavailableError (503)."""
+        """embed + assign one batch [N,1,S,S]. A backend that cannot answer raises BackendUnavailableError
+        (503, retryable); a model that raises on this input, ModelFailedError (500)."""
         t0 = time.perf_counter()
         emb = self.backend.embed(x)
         t1 = time.perf_counter()
@@ -235,7 +264,11 @@ class Pipeline:
         metrics.observe_stage("embed", t1 - t0)
         metrics.observe_stage("assign", t2 - t1)
         ood_score = self.ood_scores(emb)
-        return Inference(probs=probs, ood_score=ood_score, embed_ms=_ms(t1 - t0), assign_ms=_ms(t2 - t1))
+        emb = np.asarray(emb, np.float32)
+        unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), np.float32(1e-12))
+        return Inference(
+            embeddings=unit, probs=probs, ood_score=ood_score, embed_ms=_ms(t1 - t0), assign_ms=_ms(t2 - t1)
+        )
 
     def result(
         self,
@@ -264,6 +297,7 @@ class Pipeline:
         cluster = int(order[0])
         confidence = float(probs[cluster])
         metrics.record_assignment(cluster, confidence)
+        self.mix.record(cluster)
         name = self.card.view_name(cluster)
         reason: ViewReason | None = None
         if ood:
@@ -296,45 +330,89 @@ class Pipeline:
             ),
         )
 
-    def cluster(self, images: list[bytes]) -> list[ClusterResult | FuscError]:
-        """Each image's result or its own error, in order; the good ones share one model call.
+    def embedding_result(
+        self, prepared: Prepared, embedding: np.ndarray, embed_ms: float, assign_ms: float
+    ) -> EmbedResult:
+        return EmbedResult(
+            embedding=[float(v) for v in np.asarray(embedding, np.float32)],
+            dim=int(len(embedding)),
+            model_version=self.card.version,
+            timings_ms=Timings(
+                decode=prepared.decode_ms, clean=prepared.clean_ms, embed=embed_ms, assign=assign_ms
+            ),
+        )
 
-        A backend failure is nobody's image's fault: it raises BackendUnavailableError for the whole call.
-        """
+    def prepare_each(self, images: list[bytes]) -> list[Prepared | FuscError]:
+        """``prepare`` on each image in turn; an image's failure is its own entry, not an exception."""
         prepared: list[Prepared | FuscError] = []
         for data in images:
             try:
                 prepared.append(self.prepare(data))
             except FuscError as exc:
-                metrics.count_error(exc.code)
                 prepared.append(exc)
-        good = [p for p in prepared if isinstance(p, Prepared)]
-        if not good:
-            return [p for p in prepared if isinstance(p, FuscError)]
-        try:
-            inference = self.infer(np.stack([p.tensor for p in good]))
-        except FuscError as exc:
-            metrics.count_error(exc.code)
-            raise
-        rows = iter(zip(inference.probs, inference.ood_score, strict=True))
-        out: list[ClusterResult | FuscError] = []
+        return prepared
+
+    def answers(
+        self, prepared: list[Prepared | FuscError], inference: Inference | None, kind: Kind = "cluster"
+    ) -> list[Answer]:
+        """Each image's answer or its own error, in order: ``inference`` holds one row per prepared image
+        (None when there is none). Each image's error is counted here, where it is answered."""
+        out: list[Answer] = []
+        row = 0
         for p in prepared:
             if isinstance(p, FuscError):
+                metrics.count_error(p.code)
                 out.append(p)
+                continue
+            assert inference is not None
+            if kind == "embed":
+                out.append(
+                    self.embedding_result(
+                        p, inference.embeddings[row], inference.embed_ms, inference.assign_ms
+                    )
+                )
             else:
-                probs, score = next(rows)
-                out.append(self.result(p, probs, inference.embed_ms, inference.assign_ms, float(score)))
+                out.append(
+                    self.result(
+                        p,
+                        inference.probs[row],
+                        inference.embed_ms,
+                        inference.assign_ms,
+                        float(inference.ood_score[row]),
+                    )
+                )
+            row += 1
         return out
+
+    def cluster(self, images: list[bytes], kind: Kind = "cluster") -> list[Answer]:
+        """Each image's result or its own error, in order; the good ones share one model call.
+
+        The service takes the same steps with a thread pool and batches across requests in between. A
+        backend failure is nobody's image's fault: it raises for the whole call.
+        """
+        prepared = self.prepare_each(images)
+        good = [p.tensor for p in prepared if isinstance(p, Prepared)]
+        inference = None
+        if good:
+            try:
+                inference = self.infer(np.stack(good))
+            except FuscError as exc:
+                metrics.count_error(exc.code)
+                raise
+        return self.answers(prepared, inference, kind)
 
 
 def load_pipeline(settings: Settings) -> Pipeline:
     """Card (hashes verified), backend, pipeline; an inconsistent repository raises ModelRepositoryError."""
     card = load_card(settings.model_repository, verify=True)
-    backend = make_backend(settings, card)
+    # The default of 0 intra-op threads means "half the cores" here (Settings.ort_threads), not ONNX
+    # Runtime's own "all physical cores": the preprocessing threads need the rest.
+    backend = make_backend(settings.model_copy(update={"ort_intra_op_threads": settings.ort_threads}), card)
     return Pipeline(
         card,
         backend,
         repository=settings.model_repository,
         max_bytes=settings.max_upload_bytes,
         max_pixels=settings.max_pixels,
+        drift_window=settings.drift_window,
     )

@@ -32,7 +32,17 @@ SERVICE_API = REPO / "service" / "api.py"
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "le"}
 # Every label a fusc_* metric may carry. None of them can hold a value that comes from an image or a
 # caller: no patient name or ID, accession number, file name or DICOM UID may ever become a label.
-PATIENT_FREE_LABELS = {"stage", "cluster", "code", "endpoint", "status", "name", "version", "backend"}
+PATIENT_FREE_LABELS = {
+    "stage",
+    "cluster",
+    "code",
+    "endpoint",
+    "status",
+    "name",
+    "version",
+    "backend",
+    "reason",
+}
 PROMQL_KEYWORDS = {
     "by",
     "without",

@@ -198,40 +198,27 @@ def test_backend_failure_is_503_with_retry_after(client: TestClient, good_png: b
     assert post_one(client, good_png)[0] == 200
 
 
-def test_requests_go_through_the_adaptive_batcher(client: TestClient, good_png: bytes) -> None:
+def test_every_image_route_goes_through_the_batcher(client: TestClient, good_png: bytes) -> None:
     svc = bentoml.get_current_service()
-    assert svc.batching is True
+    batcher = svc.scheduler.batcher
+    assert batcher.merge is True
     seen: list[int] = []
-    batcher = svc._batcher
+    submit = batcher.submit
 
-    async def spy(x: np.ndarray) -> np.ndarray:
+    async def spy(x: np.ndarray):
         seen.append(len(x))
-        return await batcher(x)
+        return await submit(x)
 
-    svc._batcher = spy
+    batcher.submit = spy
     try:
         assert post_one(client, good_png)[0] == 200
+        r = client.post("/v1/embed", files={"image": ("x", good_png, "image/png")})
+        assert r.status_code == 200
         files = [("images", (f"f{i}", good_png, "image/png")) for i in range(3)]
         assert client.post("/v1/cluster/batch", files=files).status_code == 200
     finally:
-        svc._batcher = batcher
-    assert seen == [1, 3]  # one job per request; the batcher may merge jobs of concurrent requests
-
-
-def test_adaptive_batching_can_be_switched_off(client: TestClient, tiny_repo: Path, good_png: bytes) -> None:
-    svc = bentoml.get_current_service()
-    batcher = svc._batcher
-
-    async def must_not_run(x: np.ndarray) -> np.ndarray:
-        raise AssertionError("the batcher was used while switched off")
-
-    svc.batching, svc._batcher = False, must_not_run
-    try:
-        status, body = post_one(client, good_png)
-        assert status == 200, body
-        assert body["cluster"] == int(np.argmax(reference_probs(tiny_repo, good_png)))
-    finally:
-        svc.batching, svc._batcher = True, batcher
+        del batcher.submit
+    assert seen == [1, 1, 3]  # one job per request; the batcher may merge jobs of concurrent requests
 
 
 def test_metrics_have_the_fusc_families(client: TestClient, good_png: bytes) -> None:
