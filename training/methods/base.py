@@ -22,7 +22,7 @@ from service.clean import CleanConfig
 from training.config import SSLConfig
 from training.data.augment import augment, plain
 from training.distributed import current
-from training.loop import checkpoint_due, cosine_schedule, rng_state, set_rng_state, snapshot
+from training.loop import cosine_schedule, epoch_loop, rng_state, set_rng_state
 from training.models import embed
 
 
@@ -81,15 +81,7 @@ def train_ssl(
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: list[float] = []
-    step = start = 0
-    if resume_state is not None:
-        method.load_state_dict(resume_state["model"])
-        opt.load_state_dict(resume_state["optimizer"])
-        if resume_state["scaler"]:  # empty when saved without AMP
-            scaler.load_state_dict(resume_state["scaler"])
-        g.set_state(resume_state["generator"])
-        set_rng_state(_rank_entry(resume_state["rng"], ranks.rank), device)
-        start, step, history = resume_state["epoch"], resume_state["step"], list(resume_state["history"])
+    step = [0]  # optimiser steps so far (the schedules follow it)
     # Under torchrun, gradients are averaged across ranks; contrastive negatives stay within each rank.
     # DINO's prototypes sit out their first epoch, so DDP must allow parameters without gradients.
     model = (
@@ -97,7 +89,40 @@ def train_ssl(
         if ranks.enabled
         else method
     )
-    for epoch in range(start, cfg.epochs):
+
+    def state() -> dict:
+        return {
+            "step": step[0],
+            "history": history,
+            "model": method.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "generator": g.get_state(),
+        }
+
+    def restore(saved: dict) -> None:
+        method.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if saved["scaler"]:  # empty when saved without AMP
+            scaler.load_state_dict(saved["scaler"])
+        g.set_state(saved["generator"])
+        step[0] = saved["step"]
+        history[:] = list(saved["history"])
+
+    for epoch in epoch_loop(
+        cfg.epochs,
+        state=state,
+        restore=restore,
+        resume_state=resume_state,
+        on_epoch=on_epoch,
+        checkpoint_every=checkpoint_every,
+        device=device,
+        # Each rank draws its own augmentations: every rank's random state is saved, each gets its own back.
+        rng=lambda: _gather_rng(device),
+        restore_rng=lambda states: set_rng_state(_rank_entry(states, ranks.rank), device),
+        desc=cfg.method,
+        progress=ranks.main,
+    ):
         method.train()
         perm = torch.randperm(n, generator=g)
         running = 0.0
@@ -112,7 +137,7 @@ def train_ssl(
             idx = perm[i * batch : (i + 1) * batch][ranks.rank :: ranks.world]
             x = frames[idx].to(device, non_blocking=True)
             for group in opt.param_groups:
-                group["lr"] = cosine_schedule(step, total, cfg.lr, warmup=min(100, total // 10 + 1))
+                group["lr"] = cosine_schedule(step[0], total, cfg.lr, warmup=min(100, total // 10 + 1))
             with torch.autocast(device.type, enabled=use_amp):
                 loss = model(x)
             opt.zero_grad(set_to_none=True)
@@ -122,30 +147,15 @@ def train_ssl(
                 nn.utils.clip_grad_norm_(params, cfg.clip_grad)
             scaler.step(opt)
             scaler.update()
-            method.after_step(step, total)
+            method.after_step(step[0], total)
             running += loss.item()
-            step += 1
+            step[0] += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append(running / steps_per_epoch)
         if ranks.main:
             print(
                 f"{cfg.method} epoch {epoch + 1}/{cfg.epochs} loss {history[-1]:.4f} "
                 f"({ranks.world} process(es))"
-            )
-        if on_epoch is not None and checkpoint_due(epoch + 1, checkpoint_every):
-            on_epoch(
-                snapshot(
-                    {
-                        "epoch": epoch + 1,
-                        "step": step,
-                        "history": history,
-                        "model": method.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "generator": g.get_state(),
-                        "rng": _gather_rng(device),
-                    }
-                )
             )
     backbone = method.backbone.eval()
     return backbone, history
