@@ -195,8 +195,8 @@ class FrontDoor:
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._doc: bytes | None = None
-        self._page: bytes | None = None
+        self._docs_for: tuple[object, str] | None = None
+        self._doc = self._page = b""
 
     def _instance(self) -> FuscService | None:
         try:
@@ -206,12 +206,13 @@ class FrontDoor:
         return svc if isinstance(svc, FuscService.inner) else None
 
     def _docs(self) -> tuple[bytes, bytes]:
-        if self._doc is None or self._page is None:
-            svc = self._instance()
-            settings = svc.settings if svc is not None else SETTINGS
-            version = svc.pipeline.card.version if svc is not None and svc.pipeline is not None else "unknown"
+        svc = self._instance()
+        settings = svc.settings if svc is not None else SETTINGS
+        version = svc.pipeline.card.version if svc is not None and svc.pipeline is not None else "unknown"
+        if self._docs_for != (settings, version):  # built once per settings and model
             doc = build_openapi(settings, version)
             self._doc, self._page = json.dumps(doc).encode(), docs_page(doc).encode()
+            self._docs_for = (settings, version)
         return self._doc, self._page
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import time
 from pathlib import Path
 
 import cv2
@@ -173,3 +175,77 @@ def test_tampered_repository_leaves_the_server_alive_but_unready(tmp_path: Path)
         assert "SHA-256" in server.log.read_text(errors="replace")  # the operator learns why
     finally:
         servers.close()  # runs start_server's finally: the server is stopped
+
+
+def _open_request(server: Server, content_length: int, body: bytes = b"") -> socket.socket:
+    """A POST /v1/cluster whose headers are sent with ``body`` (a first part of it, or nothing)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = (
+        f"POST /v1/cluster HTTP/1.1\r\nHost: {host}\r\n"
+        "Content-Type: multipart/form-data; boundary=fuscboundary\r\n"
+        f"Content-Length: {content_length}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def _status_and_headers(sock: socket.socket) -> tuple[int, str]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    return int(head.split()[1]), head.lower()
+
+
+def test_admission_answers_before_the_body_is_read(tmp_path: Path) -> None:
+    """Requests over the limits are answered 503 overloaded (with Retry-After) from their headers alone,
+    while admitted requests still hold their places; the server serves normally afterwards."""
+    repo = build_tiny_repository(tmp_path / "model_repository")
+    env = {
+        "FUSC_MAX_CONCURRENT_REQUESTS": "2",
+        "FUSC_MAX_REQUEST_BYTES": "1000000",
+        "FUSC_MAX_INFLIGHT_BYTES": "1500000",
+        "FUSC_MAX_BATCH_FILES": "4",
+    }
+    servers = start_server(repo, tmp_path, env)
+    server = next(servers)
+    held: list[socket.socket] = []
+    try:
+        held.append(_open_request(server, 900_000, b"--fuscboundary\r\n"))  # admitted, body never finished
+        time.sleep(0.5)
+        over_bytes = _open_request(server, 700_000)  # 900k + 700k > 1.5 MB: no byte of its body is sent
+        status, head = _status_and_headers(over_bytes)
+        assert status == 503 and "retry-after:" in head, head
+        held.append(_open_request(server, 100, b"--fuscboundary\r\n"))
+        time.sleep(0.5)
+        over_requests = _open_request(server, 100)
+        status, head = _status_and_headers(over_requests)
+        assert status == 503 and "retry-after:" in head, head
+        over_bytes.close(), over_requests.close()
+        for sock in held:
+            sock.close()  # the held requests end (client gone): their places come back
+        time.sleep(0.5)
+        r = post_image(server, phantom_image("brain", 2))
+        assert r.status_code == 200, r.text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+        assert 'fusc_errors_total{code="overloaded"} 2.0' in metrics
+        assert "fusc_inflight_requests 0.0" in metrics
+    finally:
+        for sock in held:
+            sock.close()
+        servers.close()
+
+
+def test_docs_and_openapi_from_the_real_server(server: Server) -> None:
+    doc = httpx.get(f"{server.url}/docs.json", timeout=TIMEOUT).json()
+    assert {"/v1/cluster", "/v1/cluster/batch", "/v1/embed", "/v1/model"} <= set(doc["paths"])
+    page = httpx.get(f"{server.url}/", timeout=TIMEOUT)
+    assert page.status_code == 200 and "<script" not in page.text.lower()
+    r = httpx.get(f"{server.url}/readyz", timeout=TIMEOUT)
+    assert r.status_code == 200
+    r = httpx.post(f"{server.url}/v1/embed", files={"image": ("u", phantom_image("femur", 4), "image/png")})
+    assert r.status_code == 200 and abs(np.linalg.norm(r.json()["embedding"]) - 1.0) < 1e-5

@@ -253,3 +253,31 @@ class BrokenBackend:
 
     def describe(self) -> dict[str, object]:
         return {"name": self.name}
+
+
+# The limits the API tests are written against.
+APP_MAX_UPLOAD = 300_000  # small, so that the size limit can be hit cheaply
+APP_MAX_BATCH = 4
+APP_RETRY_AFTER_S = 7
+
+
+@pytest.fixture(scope="session")
+def service_app(tiny_repo: Path):
+    """The BentoML service in-process (``FuscService.to_asgi()``, lifespan included) under Starlette's
+    TestClient. One per session: BentoML registers its own metrics when the app is built, and a second
+    build in the same process fails on the duplicates."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Starlette nudges towards httpx2 for its TestClient
+        from starlette.testclient import TestClient
+
+    from service.api import FuscService
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSC_MODEL_REPOSITORY", str(tiny_repo))
+        mp.setenv("FUSC_MAX_UPLOAD_BYTES", str(APP_MAX_UPLOAD))
+        mp.setenv("FUSC_MAX_BATCH_FILES", str(APP_MAX_BATCH))
+        mp.setenv("FUSC_RETRY_AFTER_S", str(APP_RETRY_AFTER_S))
+        with TestClient(FuscService.to_asgi(), raise_server_exceptions=False) as client:
+            yield client

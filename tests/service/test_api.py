@@ -1,7 +1,7 @@
 """The BentoML service in-process: its ASGI app (``FuscService.to_asgi()``) under Starlette's TestClient.
 
-The app is the one ``bentoml serve`` runs, lifespan included, so the model call goes through BentoML's
-adaptive batcher exactly as in the server; only the sockets are missing.
+The app is the one ``bentoml serve`` runs, lifespan included, so requests go through the same admission,
+thread pool and batcher as in the server; only the sockets are missing (``service_app`` in conftest.py).
 """
 
 from __future__ import annotations
@@ -22,22 +22,27 @@ with warnings.catch_warnings():
 
 from service.api import FuscService
 from service.card import CARD_FILENAME
-from tests.service.conftest import TINY_K, TINY_VERSION, BrokenBackend, reference_probs
+from service.errors import ERROR_CODES, ModelFailedError
+from service.openapi import ROUTE_CODES
+from tests.service.conftest import (
+    APP_MAX_BATCH,
+    APP_MAX_UPLOAD,
+    TINY_DIM,
+    TINY_K,
+    TINY_VERSION,
+    BrokenBackend,
+    reference_probs,
+    tiny_embeddings,
+)
 
 TEXT = b"this is a plain text file, not an image\n" * 4
-MAX_UPLOAD = 300_000  # small, so that the size limit can be hit cheaply
-MAX_BATCH = 4
+MAX_UPLOAD = APP_MAX_UPLOAD
+MAX_BATCH = APP_MAX_BATCH
 
 
 @pytest.fixture(scope="module")
-def client(tiny_repo: Path) -> Iterator[TestClient]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FUSC_MODEL_REPOSITORY", str(tiny_repo))
-        mp.setenv("FUSC_MAX_UPLOAD_BYTES", str(MAX_UPLOAD))
-        mp.setenv("FUSC_MAX_BATCH_FILES", str(MAX_BATCH))
-        mp.setenv("FUSC_RETRY_AFTER_S", "7")
-        with TestClient(FuscService.to_asgi(), raise_server_exceptions=False) as c:
-            yield c
+def client(service_app: TestClient) -> TestClient:
+    return service_app
 
 
 def post_one(client: TestClient, data: bytes, content_type: str = "image/png") -> tuple[int, dict]:
@@ -191,7 +196,9 @@ def test_backend_failure_is_503_with_retry_after(client: TestClient, good_png: b
         r = client.post("/v1/cluster/batch", files=[("images", ("x", good_png, "image/png"))])
         assert_error(r.status_code, r.json(), 503, "backend_unavailable")
         assert r.headers["retry-after"] == "7"
-        assert client.get("/readyz").status_code == 503
+        r = client.get("/readyz")
+        assert_error(r.status_code, r.json(), 503, "model_not_loaded")  # the same JSON shape as /v1
+        assert r.headers["retry-after"] == "7"
     finally:
         pipeline.backend = healthy
     assert client.get("/readyz").status_code == 200
@@ -266,3 +273,151 @@ def test_unloadable_repository_leaves_the_service_unready(tiny_repo: Path, tmp_p
         instance = FuscService.inner()  # __init__ alone, without touching the running test app
     assert instance.pipeline is None
     assert instance.__is_ready__() is False
+
+
+class FailingModel(BrokenBackend):
+    """A model that raises on its input, as ONNX Runtime does on a shape it cannot take."""
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        raise ModelFailedError("the model fusc_backbone failed on this input")
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_embed_is_the_unit_length_backbone_output(
+    client: TestClient, tiny_repo: Path, good_png: bytes
+) -> None:
+    r = client.post("/v1/embed", files={"image": ("x", good_png, "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"embedding", "dim", "model_version", "timings_ms"}
+    emb = np.asarray(body["embedding"])
+    ref = tiny_embeddings(tiny_repo, [good_png])[0]
+    assert body["dim"] == TINY_DIM == len(emb)
+    assert np.linalg.norm(emb) == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(emb, ref / np.linalg.norm(ref), atol=1e-5)
+    assert body["model_version"] == TINY_VERSION
+    r = client.post("/v1/embed", files={"image": ("x", TEXT, "text/plain")})
+    assert_error(r.status_code, r.json(), 415, "unsupported_format")
+
+
+def test_any_number_of_files_over_the_limit_is_too_many_files(client: TestClient, good_png: bytes) -> None:
+    for n in (MAX_BATCH + 1, 34, 60):
+        files = [("images", (f"f{i}", good_png, "image/png")) for i in range(n)]
+        r = client.post("/v1/cluster/batch", files=files)
+        assert_error(r.status_code, r.json(), 400, "too_many_files")
+    files = [("image", (f"f{i}", good_png, "image/png")) for i in range(40)]
+    r = client.post("/v1/cluster", files=files)
+    assert_error(r.status_code, r.json(), 400, "too_many_files")
+
+
+def test_405_says_which_methods_are_allowed_and_404_is_json(client: TestClient) -> None:
+    r = client.get("/v1/cluster")
+    assert_error(r.status_code, r.json(), 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+    r = client.post("/v1/model")
+    assert_error(r.status_code, r.json(), 405, "method_not_allowed")
+    assert "GET" in r.headers["allow"]
+    r = client.get("/v1/nothing-here")
+    assert_error(r.status_code, r.json(), 404, "not_found")
+
+
+def test_a_model_failure_is_a_500_with_its_own_code(client: TestClient, good_png: bytes) -> None:
+    pipeline = bentoml.get_current_service().pipeline
+    healthy = pipeline.backend
+    pipeline.backend = FailingModel()
+    try:
+        for route, field in (
+            ("/v1/cluster", "image"),
+            ("/v1/cluster/batch", "images"),
+            ("/v1/embed", "image"),
+        ):
+            r = client.post(route, files=[(field, ("x", good_png, "image/png"))])
+            assert_error(r.status_code, r.json(), 500, "model_failed")
+            assert "retry-after" not in r.headers  # retrying the same input will not help
+    finally:
+        pipeline.backend = healthy
+    assert post_one(client, good_png)[0] == 200
+
+
+def test_past_the_admission_limits_the_answer_is_503_overloaded(client: TestClient, good_png: bytes) -> None:
+    admission = bentoml.get_current_service().scheduler.admission
+    for counter, limit in (("requests", "max_requests"), ("bytes", "max_bytes"), ("images", "max_images")):
+        saved = getattr(admission, counter)
+        setattr(admission, counter, getattr(admission, limit))  # as if other requests held it all
+        try:
+            status, body = post_one(client, good_png)
+            assert_error(status, body, 503, "overloaded")
+            r = client.post("/v1/cluster/batch", files=[("images", ("x", good_png, "image/png"))])
+            assert_error(r.status_code, r.json(), 503, "overloaded")
+            assert r.headers["retry-after"] == "7"
+        finally:
+            setattr(admission, counter, saved)
+    assert admission.snapshot() == {"requests": 0, "bytes": 0, "images": 0}
+    assert post_one(client, good_png)[0] == 200
+    assert admission.snapshot() == {"requests": 0, "bytes": 0, "images": 0}  # all given back
+
+
+def test_openapi_describes_every_v1_route_with_its_error_codes(client: TestClient) -> None:
+    r = client.get("/docs.json")
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1")
+    assert {"/v1/cluster", "/v1/cluster/batch", "/v1/embed", "/v1/model", "/readyz"} <= set(doc["paths"])
+    schemas = doc["components"]["schemas"]
+    assert {"ClusterResult", "BatchResponse", "EmbedResult", "ErrorResponse"} <= set(schemas)
+    for route, codes in ROUTE_CODES.items():
+        (operation,) = doc["paths"][route].values()
+        responses = operation["responses"]
+        assert "200" in responses
+        text = " ".join(r["description"] for r in responses.values())
+        for code in codes:
+            if code == "unauthorized":
+                continue  # documented only when API keys are on
+            assert f"`{code}`" in text, (route, code)
+            assert str(ERROR_CODES[code][0]) in responses, (route, code)
+        assert "Retry-After" in responses["503"]["headers"]
+        assert "Allow" in responses["405"]["headers"]
+    batch = doc["paths"]["/v1/cluster/batch"]["post"]
+    assert batch["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]["images"][
+        "maxItems"
+    ] == (MAX_BATCH)
+    refs = {v for v in _walk(doc) if isinstance(v, str) and v.startswith("#/")}
+    for ref in refs:  # every $ref resolves
+        node = doc
+        for key in ref[2:].split("/"):
+            node = node[key]
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+    else:
+        yield node
+
+
+def test_docs_page_loads_nothing_from_elsewhere(client: TestClient) -> None:
+    for path in ("/", "/docs"):
+        r = client.get(path)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/html")
+        page = r.text.lower()
+        assert "/v1/cluster/batch" in page and "/docs.json" in page
+        assert "<script" not in page and "http://" not in page and "https://" not in page and "//" not in page
+        assert r.headers["content-security-policy"].startswith("default-src 'none'")
+
+
+def test_drift_shows_in_the_summary_and_the_metrics(client: TestClient, good_png: bytes) -> None:
+    assert post_one(client, good_png)[0] == 200
+    drift = client.get("/v1/model").json()["drift"]
+    assert drift["answers"] >= 1 and drift["window"] == 1000
+    assert drift["training_mix_source"] == "uniform"  # the tiny card records no cluster sizes
+    assert 0.0 <= drift["divergence"] <= 1.0
+    text = client.get("/metrics").text
+    for family in ("fusc_cluster_mix_divergence", "fusc_cluster_mix_answers", "fusc_inflight_requests"):
+        assert family in text, family
