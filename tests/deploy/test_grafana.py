@@ -57,5 +57,8 @@ def test_dashboard_covers_what_on_call_looks_at(dashboard: dict[str, Any]) -> No
         "fusc_batch_size_bucket",
         "sum by (cluster) (rate(fusc_cluster_assignments_total",
         "sum by (le) (increase(fusc_confidence_bucket",  # the confidence histogram
+        "fusc_cluster_mix_divergence",  # drift against the training mix
+        'fusc_errors_total{job=~"$job", code="overloaded"}',  # load shedding
+        "fusc_inflight_images",
     ):
         assert needle in exprs, needle

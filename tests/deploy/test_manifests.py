@@ -253,8 +253,17 @@ def test_fusc_pod_is_sized_for_two_cores(variant: tuple[str, list[Doc]]) -> None
     resources = container(find(docs, "Deployment", "fusc"), "fusc")["resources"]
     assert quantity(resources["requests"]["cpu"]) == quantity(resources["limits"]["cpu"]) == 2
     assert quantity(resources["limits"]["memory"]) >= 2 * 2**30
-    # ONNX Runtime would otherwise size its thread pool by the node's cores, not the pod's.
-    assert config_data(docs)["FUSC_ORT_INTRA_OP_THREADS"] == "2"
+    # Thread pools sized by the pod's two cores, not the node's: two preprocessing threads, one model thread.
+    data = config_data(docs)
+    assert data["FUSC_PREPROCESS_THREADS"] == "2"
+    assert data["FUSC_ORT_INTRA_OP_THREADS"] == "1"
+
+
+def test_api_keys_come_from_an_optional_secret(variant: tuple[str, list[Doc]]) -> None:
+    _, docs = variant
+    assert not any(k == "FUSC_API_KEYS" for k in config_data(docs))
+    sources = container(find(docs, "Deployment", "fusc"), "fusc")["envFrom"]
+    assert {"secretRef": {"name": "fusc-api-keys", "optional": True}} in sources
 
 
 def test_configmap_holds_valid_service_settings(variant: tuple[str, list[Doc]]) -> None:

@@ -162,6 +162,7 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
         "FuscNoTraffic",
         "FuscLowConfidence",
         "FuscDown",
+        "FuscClusterMixDrift",
     }
     firing: set[str] = set()
     quiet: set[str] = set()
