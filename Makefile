@@ -61,3 +61,40 @@ readme-example: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# ---------------------------------------------------------------------------------------------- Triton
+# The CPU tritonserver from PyPI (nvidia-pytriton bundles it, Python backend only) lives in its own venv,
+# because nvidia-pytriton pins numpy<2. About half a minute from PyPI; setup-dev (so `make test`) makes it,
+# as tests/integration/test_triton.py starts that server. docs/triton.md has the NGC (GPU) side.
+TRITON_VENV ?= .venv-triton
+TRITON_VARIANT ?= ngc
+TRITON_MAX_BATCH_SIZE ?= 64
+TRITON_HTTP_PORT ?= 8000
+TRITON_GRPC_PORT ?= 8001
+
+.PHONY: triton-venv triton-repo triton-serve test-triton
+
+$(TRITON_VENV)/.setup: service/triton/requirements-server.txt
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TRITON_VENV)/bin/python -m pip install -q -r service/triton/requirements-server.txt
+	touch $@
+
+triton-venv: $(TRITON_VENV)/.setup
+setup-dev: triton-venv
+
+# build/triton-ngc: the repository the NGC image serves (TRITON_VARIANT=cpu for the PyPI server's).
+triton-repo: setup
+	$(PY) -m service.triton repo --from model_repository --out build/triton-$(TRITON_VARIANT) \
+	  --variant $(TRITON_VARIANT) --max-batch-size $(TRITON_MAX_BATCH_SIZE) --force
+
+# The CPU server on 127.0.0.1 for development; then `FUSC_BACKEND=triton make run` in another shell.
+triton-serve: setup triton-venv
+	$(PY) -m service.triton repo --from model_repository --out build/triton-cpu --variant cpu \
+	  --max-batch-size $(TRITON_MAX_BATCH_SIZE) --force
+	$(PY) -m service.triton serve --repository build/triton-cpu --venv $(TRITON_VENV) \
+	  --http-port $(TRITON_HTTP_PORT) --grpc-port $(TRITON_GRPC_PORT)
+
+test-triton: setup-dev
+	$(PY) -m pytest -q tests/service/test_triton_backend.py tests/service/test_triton_repository.py \
+	  tests/integration/test_triton.py

@@ -136,49 +136,64 @@ T = TypeVar("T")
 
 class _HttpTransport:
     """tritonclient.http: its client is not thread-safe, so each thread gets its own (one keep-alive
-    connection each); readiness goes through one more client with the short timeouts, under a lock."""
+    connection each); readiness goes through one more client with the short timeouts, under a lock.
+
+    A kept-alive connection can be dead without anyone knowing (Triton restarted, an idle timeout on the
+    way): a call that fails on one for any reason but a timeout or an answer of the server is tried once
+    more on a new connection. Both calls are idempotent; against a server that is down, the second one is
+    refused at once too."""
 
     def __init__(self, url: str, timeout_s: float, connect_timeout_s: float) -> None:
         import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
 
         self._http = httpclient
+        self._answered = InferenceServerException
         self._url, self._timeout_s, self._connect_timeout_s = url, timeout_s, connect_timeout_s
         self._local = threading.local()
         self._probe_lock = threading.Lock()
-        self._probe_client = self._new(connect_timeout_s)
+        self._probe_client: Any = None
 
     def _new(self, network_timeout_s: float) -> Any:
         return self._http.InferenceServerClient(
             self._url, connection_timeout=self._connect_timeout_s, network_timeout=network_timeout_s
         )
 
-    def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = self._new(self._timeout_s)
-        return client
+    def _twice(self, holder: Any, attr: str, network_timeout_s: float, op: Callable[[Any], T]) -> T:
+        """``op(client)`` with the client kept in ``holder.attr``; once more on a new one if it was stale."""
+        for attempt in (1, 2):
+            client = getattr(holder, attr, None)
+            if client is None:
+                client = self._new(network_timeout_s)
+                setattr(holder, attr, client)
+            try:
+                return op(client)
+            except Exception as exc:
+                setattr(holder, attr, None)
+                if attempt == 2 or isinstance(exc, (self._answered, TimeoutError)):
+                    raise
+        raise AssertionError("unreachable")
 
-    def _drop(self) -> None:
-        # A connection that failed may be half-closed: the next call of this thread starts afresh.
-        self._local.client = None
+    def _probe(self, op: Callable[[Any], T]) -> T:
+        with self._probe_lock:
+            return self._twice(self, "_probe_client", self._connect_timeout_s, op)
 
     def model_ready(self, name: str, version: str) -> bool:
-        with self._probe_lock:
-            return bool(self._probe_client.is_model_ready(name, version))
+        return bool(self._probe(lambda c: c.is_model_ready(name, version)))
 
     def model_config(self, name: str, version: str) -> dict[str, Any]:
-        with self._probe_lock:
-            return dict(self._probe_client.get_model_config(name, version))
+        return dict(self._probe(lambda c: c.get_model_config(name, version)))
 
     def infer(self, name: str, version: str, input_name: str, x: np.ndarray, output_name: str) -> np.ndarray:
         inp = self._http.InferInput(input_name, list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
         out = self._http.InferRequestedOutput(output_name, binary_data=True)
-        try:
-            result = self._client().infer(name, [inp], model_version=version, outputs=[out])
-        except Exception:
-            self._drop()
-            raise
+        result = self._twice(
+            self._local,
+            "client",
+            self._timeout_s,
+            lambda c: c.infer(name, [inp], model_version=version, outputs=[out]),
+        )
         return result.as_numpy(output_name)
 
 
@@ -271,6 +286,7 @@ class TritonBackend:
         self._lock = threading.Lock()
         self._limits: dict[str, int] | None = None  # model -> max_batch_size, once the configs matched
         self._ready: tuple[float, bool] = (float("-inf"), False)
+        self._down = False  # an outage was logged and the server has not answered since
         size, d, k = card.preprocess.size, card.embedding_dim, card.num_clusters
         self._shapes = {
             card.backbone.name: (card.backbone, (1, size, size), (d,)),
@@ -292,7 +308,10 @@ class TritonBackend:
             # Anything may have changed behind a failed call (a restart with other models): check again.
             self._limits = None
             self._ready = (time.monotonic(), False)
-            logger.warning("Triton %s at %s failed during %s: %s", self.protocol, self.url, what, status)
+            # Once per outage at WARNING: a lost server under load would otherwise log every request.
+            level = logging.DEBUG if self._down else logging.WARNING
+            self._down = True
+            logger.log(level, "Triton %s at %s failed during %s: %s", self.protocol, self.url, what, status)
             raise BackendUnavailableError(
                 f"the Triton server at {self.url} ({self.protocol}) did not answer {what}; retry later"
             ) from exc
@@ -339,6 +358,7 @@ class TritonBackend:
                 logger.info(
                     "Triton at %s (%s) serves the card's models: %s", self.url, self.protocol, self._limits
                 )
+                self._down = False
             return self._limits
 
     def _infer(self, model: OnnxModel, x: np.ndarray) -> np.ndarray:
