@@ -68,7 +68,7 @@ class Settings(BaseModel):
     # Upload bytes held in memory by those requests (from Content-Length; counted while streaming otherwise).
     max_inflight_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     # Images admitted and not yet answered (decoding, cleaning, queued for or in a model batch).
-    max_queued_images: int = Field(default=128, gt=0)
+    max_queued_images: int = Field(default=64, gt=0)
     # "on": images of concurrent requests share model calls; "off": one model call per request.
     adaptive_batching: Literal["on", "off"] = "on"
     # A model call takes at most this many images...
