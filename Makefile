@@ -74,7 +74,7 @@ TRITON_GRPC_PORT ?= 8001
 
 .PHONY: triton-venv triton-repo triton-serve test-triton
 
-$(TRITON_VENV)/.setup: service/triton/requirements-server.txt
+$(TRITON_VENV)/.setup: service/triton/requirements-server.txt service/triton/requirements-preprocess.txt
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip
 	$(TRITON_VENV)/bin/python -m pip install -q -r service/triton/requirements-server.txt

@@ -370,7 +370,12 @@ def test_triton_overlay_serves_the_bundled_repository_to_the_service(rendered: d
     triton = find(docs, "Deployment", "fusc-triton")
     spec = triton["spec"]["template"]["spec"]
     server = container(triton, "triton")
-    assert re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", server["image"]), server["image"]
+    # NGC's Triton plus what fusc_preprocess imports, built from the overlay's Dockerfile, tagged as fusc.
+    assert server["image"] == f"fusc-triton:{project_version()}"
+    dockerfile = (VARIANTS["triton"] / "Dockerfile").read_text()
+    base = re.search(r"^ARG TRITON_IMAGE=(\S+)$", dockerfile, re.M)
+    assert base and re.fullmatch(r"nvcr\.io/nvidia/tritonserver:\d{2}\.\d{2}-py3", base.group(1)), dockerfile
+    assert "service/triton/requirements-preprocess.txt" in dockerfile
     assert {p["name"]: p["containerPort"] for p in server["ports"]} == {
         "http": 8000,
         "grpc": 8001,
@@ -384,20 +389,25 @@ def test_triton_overlay_serves_the_bundled_repository_to_the_service(rendered: d
     assert server["readinessProbe"]["httpGet"] == {"path": TRITON_READY, "port": "http"}
     assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
 
-    # The init container copies the fusc image's bundled repository into the volume Triton serves.
+    # The init container writes the NGC variant of the fusc image's bundled repository into the volume
+    # Triton serves (python -m service.triton repo), with max_batch_size from the service's ConfigMap.
     (init,) = spec["initContainers"]
     fusc_image = container(find(docs, "Deployment", "fusc"), "fusc")["image"]
     assert init["image"] == fusc_image
     repository_mount = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}["models"]
     assert args["model-repository"] == repository_mount
-    assert (
-        init["command"][-1].rstrip("/") == {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["models"]
-    )
-    assert init["command"][-2] == "/home/bentoml/bento/src/model_repository/."
+    command = init["command"]
+    assert command[:4] == ["python", "-m", "service.triton", "repo"] and "--variant=ngc" in command
+    assert command[command.index("--from") + 1] == "/home/bentoml/bento/src/model_repository"
+    out = command[command.index("--out") + 1]
+    assert out == {m["name"]: m["mountPath"] for m in init["volumeMounts"]}["models"]
+    assert init["workingDir"] == "/home/bentoml/bento/src"
+    assert {"configMapRef": {"name": "fusc-config"}} in init["envFrom"]
 
-    # The service talks to that Triton over its HTTP port.
+    # The service talks to that Triton over the port of its protocol.
     data = config_data(docs)
     assert data["FUSC_BACKEND"] == "triton"
+    assert int(data["FUSC_TRITON_MAX_BATCH_SIZE"]) >= int(data["FUSC_BATCH_MAX_SIZE"])
     host, port = data["FUSC_TRITON_URL"].rsplit(":", 1)
     service = find(docs, "Service", host)
     assert service["spec"]["selector"] == TRITON_LABELS
@@ -406,7 +416,7 @@ def test_triton_overlay_serves_the_bundled_repository_to_the_service(rendered: d
         "grpc": 8001,
         "metrics": 8002,
     }
-    assert int(port) == 8000
+    assert int(port) == {"http": 8000, "grpc": 8001}[data["FUSC_TRITON_PROTOCOL"]]
 
     # Only the service pods reach inference ports, only Prometheus the metrics port.
     policy = find(docs, "NetworkPolicy", "fusc-triton")["spec"]
