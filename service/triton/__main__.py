@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         where = f"HTTP {server.http_url}, gRPC {server.grpc_url}, metrics :{server.metrics_port}"
         print(f"tritonserver ready: {where}; log {server.log}", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        # The main frame keeps waiting for the process: the handler only passes the signal on.
+        signal.signal(signal.SIGTERM, lambda *_: server.terminate())
         try:
             return server.process.wait()
         except KeyboardInterrupt:

@@ -161,6 +161,14 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             return False
 
+    def terminate(self) -> None:
+        """SIGTERM without waiting (from a signal handler, while another frame waits for the process)."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
     def kill(self) -> None:
         """SIGKILL the server and its Python stubs at once (a crash, as the tests need it)."""
         self._signal(signal.SIGKILL, 10.0)
