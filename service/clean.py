@@ -220,6 +220,27 @@ def colour_mask(chroma: np.ndarray | None, cfg: CleanConfig | None = None) -> np
     coloured = (np.asarray(chroma) >= cfg.colour_min_chroma).view(np.uint8)
     if not coloured.any():
         return np.zeros(coloured.shape, bool)
+    h = coloured.shape[0]
+    if h <= _COLOUR_STRIPE_ROWS:
+        return _colour_rows(coloured, cfg)
+    # A large frame goes in stripes of rows, each with enough rows around it that its result is the whole
+    # frame's: a component of at least colour_min_area px has that many within colour_min_area - 1 rows
+    # of any of its pixels, and the dilation reaches colour_dilate_px rows. The labels (4 bytes a pixel)
+    # then exist for one stripe at a time, not for a 50-megapixel frame.
+    halo = max(cfg.colour_min_area - 1, 0) + cfg.colour_dilate_px
+    out = np.empty(coloured.shape, bool)
+    for r0 in range(0, h, _COLOUR_STRIPE_ROWS):
+        r1 = min(r0 + _COLOUR_STRIPE_ROWS, h)
+        a, b = max(0, r0 - halo), min(h, r1 + halo)
+        out[r0:r1] = _colour_rows(coloured[a:b], cfg)[r0 - a : r1 - a]
+    return out
+
+
+_COLOUR_STRIPE_ROWS = 512
+
+
+def _colour_rows(coloured: np.ndarray, cfg: CleanConfig) -> np.ndarray:
+    """colour_mask's area filter and dilation on uint8 0/1 rows."""
     if cfg.colour_min_area > 1:
         n, labels, stats, _ = cv2.connectedComponentsWithStats(coloured, connectivity=8)
         big = stats[:, cv2.CC_STAT_AREA] >= cfg.colour_min_area
