@@ -22,12 +22,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio.to_thread
 import bentoml
 from bentoml.exceptions import BentoMLException
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from service import metrics
@@ -232,13 +233,14 @@ class FrontDoor:
             return
         if path == "/readyz":
             svc = self._instance()
-            if svc is None or not svc.__is_ready__():
-                retry = svc.settings.retry_after_s if svc is not None else SETTINGS.retry_after_s
-                error = NotReadyError(
-                    "the service is not ready: the model is not loaded or the backend is down"
-                )
-                await error_response(error, retry)(scope, receive, send)
+            # A remote backend's readiness is a network call: off the event loop, as BentoML does it.
+            if svc is not None and await anyio.to_thread.run_sync(svc.__is_ready__):
+                await PlainTextResponse("\n")(scope, receive, send)
                 return
+            retry = svc.settings.retry_after_s if svc is not None else SETTINGS.retry_after_s
+            error = NotReadyError("the service is not ready: the model is not loaded or the backend is down")
+            await error_response(error, retry)(scope, receive, send)
+            return
         elif path == "/v1" or path.startswith("/v1/"):
             svc = self._instance()
             keys = svc.settings.api_keys if svc is not None else SETTINGS.api_keys
