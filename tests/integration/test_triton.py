@@ -5,7 +5,8 @@ repository on 127.0.0.1 and ephemeral ports, against the embedded ONNX Runtime b
   1e-4 through ONNX Runtime, Triton over HTTP, Triton over gRPC, and the ``fusc_pipeline`` ensemble over
   gRPC fed the encoded file bytes (decode + clean inside Triton);
 - Triton killed during a load: every call answers (BackendUnavailableError within a second, nothing
-  else, no hang), and the same backend objects recover when a new server comes up on the same ports.
+  else, no hang), and the same backend objects recover when a new server comes up on the same ports;
+- the BentoML service on Triton answers 503 while Triton is down and 200 again after, without a restart.
 
 Needs ``make triton-venv`` (.venv-triton, or FUSC_TRITON_VENV); skipped with the reason when it is absent.
 Uses the bundled model when its card verifies (it may be rebuilt while tests run), else the tiny one.
@@ -246,3 +247,62 @@ def test_a_killed_triton_answers_unavailable_and_the_backend_recovers(
         assert recovered - back_at < 2.0, f"{name}: recovered {recovered - back_at:.1f} s after Triton"
     assert ready_again, "not ready after Triton came back"
     print(f"first start {t0 - started:.1f} s, restart {back_at - restart_at:.1f} s (tritonserver on CPU)")
+
+
+def test_the_service_on_triton_answers_503_while_it_is_down(
+    repository: Path, card: ModelCard, images: dict[str, bytes], triton_venv: Path, tmp_path: Path
+) -> None:
+    """The BentoML service with FUSC_BACKEND=triton: 503 backend_unavailable with Retry-After and an unready
+    /readyz within a second or two of losing Triton, then 200s again without a restart of the service."""
+    import httpx
+
+    from tests.integration.conftest import start_server
+
+    name, data = next(iter(images.items()))
+    reference = Pipeline(card, OnnxRuntimeBackend(repository, card), repository=repository).cluster([data])[0]
+    assert isinstance(reference, ClusterResult)
+    triton = start_cpu_server(repository, venv=triton_venv, workdir=tmp_path / "triton")
+    ports = {
+        "http_port": triton.http_port,
+        "grpc_port": triton.grpc_port,
+        "metrics_port": triton.metrics_port,
+    }
+    env = {"FUSC_BACKEND": "triton", "FUSC_TRITON_URL": triton.http_url, "FUSC_TRITON_PROTOCOL": "http"}
+    service = start_server(repository, tmp_path, env)
+    restarted: TritonServer | None = None
+    try:
+        url = next(service).url
+
+        def cluster() -> httpx.Response:
+            return httpx.post(f"{url}/v1/cluster", files={"image": ("upload", data, "image/png")}, timeout=10)
+
+        first = cluster()
+        assert first.status_code == 200, first.text
+        assert first.json()["cluster"] == reference.cluster, name
+
+        triton.kill()
+        t0 = time.monotonic()
+        down = cluster()
+        assert time.monotonic() - t0 < UNAVAILABLE_WITHIN_S
+        assert down.status_code == 503 and down.json()["error"]["code"] == "backend_unavailable", down.text
+        assert int(down.headers["Retry-After"]) >= 1
+        deadline = time.monotonic() + 3.0
+        while httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+            assert time.monotonic() < deadline, "/readyz still 200 with Triton down"
+            time.sleep(0.2)
+
+        restarted = start_cpu_server(repository, venv=triton_venv, workdir=tmp_path / "triton", **ports)
+        deadline = time.monotonic() + 3.0
+        while (again := cluster()).status_code != 200:
+            assert again.status_code == 503 and time.monotonic() < deadline, again.text
+            time.sleep(0.2)
+        assert again.json()["cluster"] == reference.cluster
+        deadline = time.monotonic() + 3.0
+        while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "/readyz not 200 again after Triton came back"
+            time.sleep(0.2)
+    finally:
+        service.close()
+        triton.kill()
+        if restarted is not None:
+            restarted.stop(timeout_s=STOP_S)
