@@ -1,4 +1,4 @@
-"""Load (slow: about 7 minutes): capacity, 80 % of it, and five minutes at twice it, against a real
+"""Load (slow: about 8 minutes): capacity, 80 % of it, and five minutes at twice it, against a real
 ``bentoml serve`` on real images (HC18 and FETAL_PLANES_DB when the shared data folder is there).
 
 Needs: the project venv, a free loopback port, a machine not busy with other work (the p99 / p50 ratio
