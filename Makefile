@@ -38,6 +38,13 @@ test-all: setup-dev
 bench: setup-dev
 	$(PY) -m benchmarks.run
 
+# The int8 backbone beside the fp32 one (model_repository/fusc_backbone_int8, listed in the card): static
+# QDQ, calibrated on real + phantom images through the service's decode + clean (phantoms only without
+# ../shared/data). About a minute on 2 cores. Run it again after `make train-bundled`.
+.PHONY: quantize
+quantize: setup-dev
+	$(PY) -m service.quantize --repository model_repository --data ../shared/data
+
 lint: setup-dev
 	$(VENV)/bin/ruff check service training tests benchmarks
 	$(VENV)/bin/ruff format --check service training tests benchmarks

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
 
-from service.card import ModelCard, OnnxModel
+from service.card import ModelCard, OnnxModel, sha256_file
 from service.errors import BackendUnavailableError, FuscError, ModelFailedError, ModelRepositoryError
 from service.settings import Settings
 
@@ -62,8 +62,12 @@ class OnnxRuntimeBackend:
         *,
         intra_op_threads: int = 0,
         providers: list[str] | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.card = card
+        self.precision = precision
+        # The card's fp32 backbone, or its int8 copy (whose file must then exist and match the card).
+        self._backbone_model = card.backbone_for(precision)
         self.providers = providers or _providers()
         options = ort.SessionOptions()
         if intra_op_threads:
@@ -71,12 +75,18 @@ class OnnxRuntimeBackend:
         # Idle intra-op threads would otherwise spin for a while after each batch, taking the cores that the
         # preprocessing threads need between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._backbone = self._open(card.backbone, repository, options)
+        self._backbone = self._open(self._backbone_model, repository, options)
         self._head = self._open(card.head, repository, options)
         self._check_shapes()
 
     def _open(self, model: OnnxModel, repository: Path, options: ort.SessionOptions) -> ort.InferenceSession:
         path = model.path(repository)
+        if model is self.card.backbone_int8:
+            # The int8 backbone is optional in a repository, so load_card checks it only where it exists.
+            if not path.is_file():
+                raise ModelRepositoryError(f"{path} (named by the model card) is missing: make quantize")
+            if sha256_file(path) != model.sha256:
+                raise ModelRepositoryError(f"{path} does not match the SHA-256 in the model card")
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as exc:  # ORT raises its own exception types, not one base class
@@ -116,7 +126,7 @@ class OnnxRuntimeBackend:
         return np.asarray(out, dtype=np.float32)
 
     def embed(self, x: np.ndarray) -> np.ndarray:
-        return self._run(self._backbone, self.card.backbone, np.ascontiguousarray(x, dtype=np.float32))
+        return self._run(self._backbone, self._backbone_model, np.ascontiguousarray(x, dtype=np.float32))
 
     def assign(self, emb: np.ndarray) -> np.ndarray:
         return self._run(self._head, self.card.head, np.ascontiguousarray(emb, dtype=np.float32))
@@ -125,7 +135,11 @@ class OnnxRuntimeBackend:
         return True
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "providers": list(self._backbone.get_providers())}
+        return {
+            "name": self.name,
+            "providers": list(self._backbone.get_providers()),
+            "precision": self.precision,
+        }
 
 
 # ------------------------------------------------------------------------------------------------ Triton
@@ -423,9 +437,17 @@ class TritonBackend:
 def make_backend(settings: Settings, card: ModelCard) -> Backend:
     if settings.backend == "onnxruntime":
         return OnnxRuntimeBackend(
-            settings.model_repository, card, intra_op_threads=settings.ort_intra_op_threads
+            settings.model_repository,
+            card,
+            intra_op_threads=settings.ort_intra_op_threads,
+            precision=settings.precision,
         )
     if settings.backend == "triton":
+        if settings.precision != "fp32":
+            raise BackendNotSupportedError(
+                "FUSC_PRECISION=int8 runs in-process (FUSC_BACKEND=onnxruntime); "
+                "the Triton repository serves the fp32 backbone"
+            )
         return TritonBackend(
             card,
             url=settings.triton_url,

@@ -36,6 +36,39 @@ class OnnxModel(BaseModel):
         return Path(repository) / self.name / str(self.version) / "model.onnx"
 
 
+class Calibration(BaseModel):
+    """The images a static int8 model was calibrated on, each run through the service's decode + clean."""
+
+    method: str = "MinMax"
+    images: dict[str, int] = Field(default_factory=dict)  # source -> count
+    selection: str = ""
+    phantom_seed: int = 0
+    note: str = ""
+
+
+class QuantizedModel(OnnxModel):
+    """An int8 copy of the backbone (``make quantize``), chosen with ``FUSC_PRECISION=int8``.
+
+    It is made from the fp32 backbone whose SHA-256 is ``source_sha256``: a card whose fp32 backbone has
+    changed since (a new training) no longer matches it and is refused until it is quantized again.
+    """
+
+    precision: Literal["int8"] = "int8"
+    source_sha256: str
+    format: str = "QDQ"
+    weights: str = "int8, per output channel, symmetric"
+    activations: str = "uint8, per tensor, asymmetric"
+    # Nodes left in fp32 on purpose (their quantization error is amplified by the rest of the network).
+    fp32_nodes: list[str] = Field(default_factory=list)
+    bias_correction: bool = False
+    calibration: Calibration = Field(default_factory=Calibration)
+    # Measured against the fp32 backbone on held-out images: cluster-id agreement, embedding cosine.
+    agreement: dict[str, Any] = Field(default_factory=dict)
+    command: str = ""
+    onnxruntime_version: str = ""
+    created: datetime | None = None
+
+
 class Provenance(BaseModel):
     command: str = ""
     datasets: list[str] = Field(default_factory=list)
@@ -106,10 +139,25 @@ class ModelCard(BaseModel):
     cluster_names: dict[int, str] = Field(default_factory=dict)
     backbone: OnnxModel
     head: OnnxModel
+    # Optional int8 backbone beside the fp32 one (service/quantize.py); the fp32 one stays the default.
+    backbone_int8: QuantizedModel | None = None
     provenance: Provenance = Field(default_factory=Provenance)
     ood: OODCalibration | None = None
     naming: Naming = Field(default_factory=Naming)
     quality: dict[str, Any] = Field(default_factory=dict)
+
+    def backbone_for(self, precision: str) -> OnnxModel:
+        """The backbone that ``FUSC_PRECISION`` asks for; a clear error when the card has no int8 one."""
+        if precision == "fp32":
+            return self.backbone
+        if precision == "int8":
+            if self.backbone_int8 is None:
+                raise ModelRepositoryError(
+                    "FUSC_PRECISION=int8 but the model card lists no int8 backbone: "
+                    "run `make quantize` (python -m service.quantize) on this repository, or use fp32"
+                )
+            return self.backbone_int8
+        raise ModelRepositoryError(f"unknown precision {precision!r}: fp32 or int8")
 
     def view_name(self, cluster: int) -> str | None:
         return self.cluster_names.get(cluster)
@@ -126,6 +174,24 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _verify_int8(card: ModelCard, repository: Path) -> None:
+    """The int8 backbone is optional (a Triton copy of the repository may leave it out), but when its file
+    is there it must match the card, and it must have been made from this card's fp32 backbone."""
+    q = card.backbone_int8
+    if q is None:
+        return
+    if q.source_sha256 != card.backbone.sha256:
+        raise ModelRepositoryError(
+            f"the int8 backbone was quantized from an fp32 backbone with SHA-256 {q.source_sha256[:12]}…, "
+            f"not this card's {card.backbone.sha256[:12]}…: run `make quantize` again"
+        )
+    path = q.path(repository)
+    if path.is_file() and sha256_file(path) != q.sha256:
+        raise ModelRepositoryError(
+            f"{path} does not match the SHA-256 in the model card: run `make quantize` again or restore it"
+        )
 
 
 def load_card(repository: Path, *, verify: bool = True) -> ModelCard:
@@ -149,6 +215,7 @@ def load_card(repository: Path, *, verify: bool = True) -> ModelCard:
                     f"{onnx_path} has SHA-256 {digest[:12]}…, the model card expects {model.sha256[:12]}…: "
                     "the repository was changed after export; re-export or restore it"
                 )
+        _verify_int8(card, repository)
         bank = card.ood.bank if card.ood is not None else None
         if bank is not None:
             bank_path = repository / bank.path

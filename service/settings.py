@@ -48,6 +48,9 @@ class Settings(BaseModel):
 
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
     backend: Literal["onnxruntime", "triton"] = "onnxruntime"
+    # The backbone's precision: "int8" runs the card's static int8 backbone (made by `make quantize`;
+    # in-process ONNX Runtime only), whose agreement with fp32 the card records.
+    precision: Literal["fp32", "int8"] = "fp32"
     # Triton: "host:port" of its endpoint for triton_protocol (below); only read when backend == "triton".
     triton_url: str = "127.0.0.1:8000"
     # One upload (one file) may not exceed this; DICOM cine loops are the large case.
@@ -149,7 +152,7 @@ class Settings(BaseModel):
                 name = key[len(ENV_PREFIX) :].lower()
                 if name in cls.model_fields:
                     values[name] = value
-        for name in ("log_level", "adaptive_batching"):
+        for name in ("log_level", "adaptive_batching", "precision"):
             if name in values:
                 values[name] = values[name].upper() if name == "log_level" else values[name].lower()
         try:
