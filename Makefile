@@ -35,6 +35,7 @@ test: setup-dev
 test-all: setup-dev
 	$(PY) -m pytest -q
 
+# Every ratio in one run (about 5 minutes on 2 cores): benchmarks/results/bench.json and docs/benchmarks.md.
 bench: setup-dev
 	$(PY) -m benchmarks.run
 
