@@ -265,6 +265,13 @@ def synthetic_inputs(card: dict[str, Any], n: int = 256, seed: int = 0) -> np.nd
     return x
 
 
+def _or_skip(fn, *args) -> dict[str, Any]:
+    try:
+        return fn(*args)
+    except ImportError as exc:
+        return {"skipped": f"{exc.name} is not installed"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.core", description=__doc__.splitlines()[0])
     ap.add_argument("--repository", type=Path, default=ROOT / "model_repository")
@@ -289,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "inputs": {"source": inputs, "images": len(x)},
         "gemm_fp32": gemm_rate(),
-        "backbone_macs": macs(model_path(args.repository, bb), bb["input_name"], (1, size, size)),
+        "backbone_macs": _or_skip(macs, model_path(args.repository, bb), bb["input_name"], (1, size, size)),
         "models": bench_models(
             args.repository,
             x,

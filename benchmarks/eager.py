@@ -135,3 +135,81 @@ def bench_eager(
             "cluster_agreement": round(float((probs.argmax(1) == onnx_probs.argmax(1)).mean()), 4),
         },
     }
+
+
+def bench_torch_device(
+    x: np.ndarray,
+    checkpoint: Path = DEFAULT_CHECKPOINT,
+    *,
+    device: str = "cuda",
+    arch: str = "efficientnet-lite0",
+    batches: tuple[int, ...] = (1, 32, 256),
+    seconds: float = 3.0,
+) -> dict[str, Any]:
+    """The same torch model on ``device`` (a GPU): images/s at each batch in fp32 and under fp16 autocast,
+    inputs already on the device (the model alone), synchronised after every call."""
+    import torch
+
+    model = EagerModel(checkpoint, arch)
+    backbone, head = model.backbone.to(device), model.head.to(device)
+    torch.backends.cudnn.benchmark = True
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else device,
+    }
+    for dtype in ("fp32", "fp16_autocast"):
+        for b in batches:
+            xb = torch.from_numpy(np.concatenate([x] * int(np.ceil(b / len(x))))[:b]).to(device)
+
+            def call(xb=xb, dtype=dtype) -> None:
+                with torch.inference_mode(), torch.autocast(device.split(":")[0], enabled=dtype != "fp32"):
+                    head(torch.nn.functional.normalize(backbone(xb), dim=1)).softmax(1)
+                sync()
+
+            for _ in range(3):
+                call()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds or n < 5:
+                call()
+                n += 1
+            elapsed = time.perf_counter() - t0
+            out[f"{dtype}_batch_{b}"] = {
+                "images_per_s": round(b * n / elapsed, 1),
+                "ms_per_call": round(elapsed / n * 1e3, 3),
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.eager", description="the torch model on a device")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    ap.add_argument("--inputs", type=Path, help=".npy of model inputs [N,1,S,S] (default: synthetic)")
+    ap.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    from benchmarks.core import card_json, synthetic_inputs
+
+    card = card_json(args.repository)
+    x = np.load(args.inputs) if args.inputs and args.inputs.is_file() else synthetic_inputs(card)
+    why = available(args.checkpoint)
+    if why:
+        result: dict[str, Any] = {"skipped": why}
+    else:
+        arch = card.get("provenance", {}).get("backbone_arch") or "efficientnet-lite0"
+        result = bench_torch_device(
+            x.astype(np.float32), args.checkpoint, device=args.device, arch=arch, seconds=args.seconds
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
