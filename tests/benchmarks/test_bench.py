@@ -90,6 +90,7 @@ def _result(load: float) -> dict:
 def test_summary_ratios_and_targets() -> None:
     s = summarize(_result(0.5))
     assert s["service_over_eager"] == 4.5 and s["http_over_single_core_decode_clean"] == 1.8
+    assert s["service_over_eager_bound"] == 5.0  # 2 cores x 50 images/s of decode + clean / 20 eager
     assert s["fraction_of_fp32_gemm"]["fp32"] == pytest.approx(0.69, abs=1e-3)
     assert s["preprocess_share_service"] == pytest.approx(20 / 22, abs=1e-3)
     assert set(s["targets"]) == set(TARGETS)
