@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from service.localserver import run_service
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FUSC_TEST_DATA", ROOT.parent / "shared" / "data"))
@@ -108,60 +104,18 @@ class MemorySampler:
         return sum(values) / len(values) if values else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _bentoml() -> list[str]:
-    script = Path(sys.executable).with_name("bentoml")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "bentoml"]
-
-
 @contextlib.contextmanager
 def serve(
     repository: Path, workdir: Path, env: dict[str, str] | None = None, ready_timeout_s: float = 120.0
 ) -> Iterator[Server]:
-    """``bentoml serve service.api:FuscService`` on 127.0.0.1 and a free port, until the block ends."""
+    """``bentoml serve service.api:FuscService`` on 127.0.0.1 and a free port, until the block ends, its log
+    and BentoML home in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = workdir / f"server-{port}.log"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FUSC_", "PROMETHEUS_MULTIPROC_DIR"))}
-    full_env = {
-        **clean,
-        "FUSC_MODEL_REPOSITORY": str(repository),
-        "PYTHONPATH": str(ROOT),
-        "BENTOML_HOME": str(workdir / "bentoml_home"),
-        "BENTOML_DO_NOT_TRACK": "True",
-        **(env or {}),
-    }
-    cmd = [*_bentoml(), "serve", "service.api:FuscService", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    server = Server(url=f"http://127.0.0.1:{port}", pid=proc.pid, log=log)
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {log}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/readyz", timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready within {ready_timeout_s:.0f} s; see {log}")
-            time.sleep(0.25)
-        yield server
-    finally:
-        for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait_s)
+    log = workdir / f"server-{time.monotonic_ns()}.log"
+    with run_service(
+        repository, env=env, log=log, bentoml_home=workdir / "bentoml_home", ready_timeout_s=ready_timeout_s
+    ) as running:
+        yield Server(url=running.url, pid=running.pid, log=log)
 
 
 def repository(name: str, workdir: Path) -> Path:

@@ -15,18 +15,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from service.localserver import run_service
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 README = REPO_ROOT / "README.md"
@@ -37,44 +35,11 @@ TIMING_DIGITS = 1
 
 
 # ---------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(model_repository: Path, timeout: float = 90.0) -> Iterator[str]:
-    """Start ``bentoml serve service.api:FuscService`` on 127.0.0.1 and yield its base URL."""
-    port = free_port()
-    env = dict(os.environ, FUSC_MODEL_REPOSITORY=str(Path(model_repository).resolve()))
-    bentoml = Path(sys.executable).parent / "bentoml"
-    proc = subprocess.Popen(
-        [str(bentoml), "serve", "service.api:FuscService", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with code {proc.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.time() > deadline:
-                raise RuntimeError(f"the service was not ready after {timeout:.0f} s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """Start the real service on 127.0.0.1 (``service.localserver``) and yield its base URL."""
+    with run_service(model_repository, ready_timeout_s=timeout) as running:
+        yield running.url
 
 
 def ask(url: str, image: Path) -> tuple[dict[str, Any], dict[str, Any]]:
