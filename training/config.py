@@ -159,6 +159,18 @@ class TrainConfig(BaseModel):
         return self
 
 
+# The CPU presets' cluster step and self-labeling: head-only on 4 augmented views of each image, standardised
+# inputs, rate 1e-3 (docs/results/phantoms/cluster_ablation.md).
+CPU_CLUSTER_STEP = {
+    "num_clusters": 10,
+    "epochs": 100,
+    "batch_size": 256,
+    "lr": 1e-3,
+    "views": 4,
+    "standardize": True,
+}
+CPU_SELFLABEL = {"epochs": 10, "lr": 1e-3, "batch_size": 256}
+
 PRESETS: dict[str, dict] = {
     # Seconds on a laptop CPU: the CI and unit-test configuration.
     "smoke": {
@@ -182,15 +194,8 @@ PRESETS: dict[str, dict] = {
             "lr": 2e-4,
             "temperature": 0.2,
         },
-        "cluster": {
-            "num_clusters": 10,
-            "epochs": 100,
-            "batch_size": 256,
-            "lr": 1e-3,
-            "views": 4,
-            "standardize": True,
-        },
-        "selflabel": {"epochs": 10, "lr": 1e-3, "batch_size": 256},
+        "cluster": CPU_CLUSTER_STEP,
+        "selflabel": CPU_SELFLABEL,
     },
     # The earlier CPU recipe, from scratch: SimCLR on a quarter-width ResNet18 at 64 px (no pretrained
     # weights needed), with the same cluster step and self-labeling as cpu-small.
@@ -204,15 +209,8 @@ PRESETS: dict[str, dict] = {
             "batch_size": 64,
             "lr": 2e-3,
         },
-        "cluster": {
-            "num_clusters": 10,
-            "epochs": 100,
-            "batch_size": 256,
-            "lr": 1e-3,
-            "views": 4,
-            "standardize": True,
-        },
-        "selflabel": {"epochs": 10, "lr": 1e-3, "batch_size": 256},
+        "cluster": CPU_CLUSTER_STEP,
+        "selflabel": CPU_SELFLABEL,
     },
     # Paper scale on one GPU.
     "gpu-paper": {

@@ -227,6 +227,7 @@ class Stages:
         self.stop_stage, self.stop_epoch = parse_stop_after(stop_after)
         self.frames = torch.from_numpy(data.frames)
         self.train_frames = self.frames[data.train]
+        self._cluster_views: np.ndarray | None = None
 
     def _finished(self, stage: str, state: dict) -> None:
         self.ckpt.save(stage, state)  # rank 0 writes; under torchrun every rank stops when asked to
@@ -257,6 +258,16 @@ class Stages:
             backbone, self.train_frames, augment, self.cfg.clean, self.device, n, seed
         )
 
+    def cluster_views(self, backbone: nn.Module) -> np.ndarray | None:
+        """The head-only cluster step's augmented-view embeddings (None: it has none), computed once and
+        only when a stage that trains needs them: a resumed run that loads both stages skips them."""
+        cfg = self.cfg
+        if cfg.cluster.update_backbone or not cfg.cluster.views:
+            return None
+        if self._cluster_views is None:
+            self._cluster_views = self.views(backbone, cfg.cluster.augment, cfg.cluster.views, cfg.seed)
+        return self._cluster_views
+
     def ssl(self) -> tuple[nn.Module, list[float]]:
         cfg = self.cfg
         saved = self.ckpt.load("ssl")
@@ -272,9 +283,7 @@ class Stages:
         self._finished("ssl", {"backbone": _module_state(backbone), "history": history})
         return backbone, history
 
-    def cluster(
-        self, backbone: nn.Module, emb: np.ndarray, nbrs: np.ndarray, views: np.ndarray | None
-    ) -> tuple[nn.Linear, dict]:
+    def cluster(self, backbone: nn.Module, emb: np.ndarray, nbrs: np.ndarray) -> tuple[nn.Linear, dict]:
         cfg = self.cfg
         saved = self.ckpt.load("cluster")
         if saved:
@@ -291,7 +300,7 @@ class Stages:
             backbone,
             self.train_frames,
             cfg.clean,
-            views=views,
+            views=self.cluster_views(backbone),
             **self._epochs_of("cluster"),
         )
         head = head.cpu()
@@ -303,9 +312,7 @@ class Stages:
         self._finished("cluster", state)
         return head, info
 
-    def selflabel(
-        self, backbone: nn.Module, head: nn.Linear, emb: np.ndarray, views: np.ndarray | None
-    ) -> tuple[nn.Linear, dict]:
+    def selflabel(self, backbone: nn.Module, head: nn.Linear, emb: np.ndarray) -> tuple[nn.Linear, dict]:
         cfg = self.cfg
         saved = self.ckpt.load("selflabel")
         if saved:
@@ -314,8 +321,12 @@ class Stages:
             self.ckpt.restore_rng(saved)
             return _head(saved["head"]), saved["selflabel"]
         head_only = not cfg.selflabel.update_backbone
-        if head_only and (cfg.selflabel.views or views is None):
-            views = self.views(backbone, cfg.selflabel.augment, cfg.selflabel.views or 4, cfg.seed + 1)
+        views = None
+        if head_only:
+            # Its own views when asked for (or when the cluster step had none), else the cluster step's.
+            views = None if cfg.selflabel.views else self.cluster_views(backbone)
+            if views is None:
+                views = self.views(backbone, cfg.selflabel.augment, cfg.selflabel.views or 4, cfg.seed + 1)
         history = self_label(
             backbone,
             head,
@@ -400,17 +411,11 @@ def run_single(
     if health["collapsed"]:
         log.warning("the SSL embedding looks collapsed: %s", "; ".join(health["reasons"]))
 
-    # 2. Neighbours in embedding space, and the augmented views the head-only steps learn from.
+    # 2. Neighbours in embedding space (the head-only steps also learn from augmented views, see Stages).
     nbrs = mine_neighbors(emb[train], cfg.cluster.neighbors)
-    head_only = not cfg.cluster.update_backbone
-    views = (
-        stages.views(backbone, cfg.cluster.augment, cfg.cluster.views, cfg.seed)
-        if head_only and cfg.cluster.views
-        else None
-    )
 
     # 3. The FUSC cluster step.
-    head, info = stages.cluster(backbone, emb, nbrs, views)
+    head, info = stages.cluster(backbone, emb, nbrs)
     if cfg.cluster.update_backbone:
         emb = compute_embeddings(backbone, stages.frames, cfg.clean, device)
     probs_cluster_step = predict(head, emb)
@@ -418,7 +423,7 @@ def run_single(
 
     # 4. Self-labeling on the confident images.
     if cfg.selflabel.epochs > 0:
-        head, info["selflabel"] = stages.selflabel(backbone, head, emb, views)
+        head, info["selflabel"] = stages.selflabel(backbone, head, emb)
         if cfg.selflabel.update_backbone:
             emb = compute_embeddings(backbone, stages.frames, cfg.clean, device)
     probs = predict(head, emb)

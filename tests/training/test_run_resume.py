@@ -243,3 +243,34 @@ def test_checkpoints_check_the_images_and_start_clean(tmp_path):
     fresh = Checkpoints(tmp_path, "data-2", resume=False)
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     assert fresh.load("ssl") is None
+
+
+def test_head_only_run_on_augmented_views_resumes_exactly(phantom_dir, tmp_path, monkeypatch):
+    """The cluster step and self-labeling learning from augmented-view embeddings (the CPU presets' way): a
+    run stopped after the cluster step ends as an uninterrupted one, and a resumed run that loads both
+    stages does not embed the views again."""
+    import training.run
+
+    cfg = build_config(
+        "smoke",
+        data=[f"csv:{phantom_dir}"],
+        test_fraction=0.25,
+        cache_dir=tmp_path / "cache",
+        threads=1,
+        cluster={"views": 2, "standardize": True},
+        selflabel={"threshold": 0.0},
+    )
+    whole = run(cfg, tmp_path / "a" / "repo", tmp_path / "a" / "run", report=False)
+    run_b, out_b = tmp_path / "b" / "run", tmp_path / "b" / "repo"
+    with pytest.raises(RunStopped):
+        run(cfg, out_b, run_b, stop_after="cluster", report=False)
+    resumed = run(cfg, out_b, run_b, resume=True, report=False)
+    _assert_same_run((whole, tmp_path / "a" / "run", tmp_path / "a" / "repo"), (resumed, run_b, out_b))
+
+    calls = []
+    real = training.run.augmented_embeddings
+    monkeypatch.setattr(
+        training.run, "augmented_embeddings", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    again = run(cfg, out_b, run_b, resume=True, report=False)
+    assert again["resumed_stages"] == ["ssl", "cluster", "selflabel"] and calls == []

@@ -63,8 +63,8 @@ def self_label(
     g = torch.Generator().manual_seed(seed)
     head_only = embeddings is not None and not cfg.update_backbone
     if head_only:
-        # Train in the standardised space the cluster step used (the same parametrisation, the same
-        # effective step size), and fold back at the end.
+        # Train in the standardised space (the cluster step's own, when it standardised): a step of the rate
+        # means the same for every embedding dimension whatever its spread. Folded back at the end.
         mean, inv_std = standardizer(embeddings, True)
         work = nn.Linear(head.in_features, head.out_features)
         with torch.no_grad():
