@@ -121,13 +121,19 @@ def read_manifest(root: Path) -> RunManifest:
     return RunManifest.model_validate(data)
 
 
-def write_results(root: Path, table: pa.Table, embeddings: np.ndarray) -> None:
-    """Write the final results and embeddings (each atomically). ``table`` must follow RESULT_SCHEMA."""
+def write_results_table(root: Path, table: pa.Table) -> None:
+    """Write ``results.parquet`` alone, atomically (a writer that streams ``embeddings.npy`` itself)."""
     root = Path(root)
-    table = table.cast(RESULT_SCHEMA).sort_by("key")
+    table = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).sort_by("key")
     tmp = root / (RESULTS + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, root / RESULTS)
+
+
+def write_results(root: Path, table: pa.Table, embeddings: np.ndarray) -> None:
+    """Write the final results and embeddings (each atomically). ``table`` must follow RESULT_SCHEMA."""
+    root = Path(root)
+    write_results_table(root, table)
     tmp = root / (EMBEDDINGS + ".tmp.npy")
     np.save(tmp, np.ascontiguousarray(embeddings, dtype=np.float32))
     os.replace(tmp, root / EMBEDDINGS)

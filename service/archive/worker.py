@@ -1,0 +1,238 @@
+"""One archive chunk through the service's own data path: read bytes -> ``Pipeline.prepare`` (decode +
+clean) -> ``Pipeline.infer`` (embed + assign, one model call per chunk) -> ``Pipeline.answers``.
+
+A :class:`ChunkWorker` lives in each pool process or Ray actor and loads the pipeline once. A chunk's result
+is one Arrow table (the result columns plus the embedding), handed back whole: the driver commits it in one
+atomic file, which is what makes a run exactly-once (service.archive.ledger).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from service.archive.sources import Reader, SourceSpec
+from service.archive.subjects import SubjectHasher
+from service.decode import sniff_format
+from service.errors import BackendUnavailableError, FuscError, ModelFailedError
+from service.pipeline import ClusterResult, Pipeline, Prepared, load_pipeline
+from service.settings import Settings
+
+logger = logging.getLogger("fusc.archive")
+
+# A backend that cannot answer (a remote Triton restarting) is retried this often before the chunk fails;
+# a failed chunk stops the run, and the rerun takes it up again.
+BACKEND_RETRIES = 3
+
+
+def part_schema(dim: int) -> pa.Schema:
+    """A chunk's rows: the result columns the worker knows, and the embedding (null for an error)."""
+    return pa.schema(
+        [
+            pa.field("key", pa.string(), nullable=False),
+            pa.field("source", pa.string(), nullable=False),
+            pa.field("sop_instance_uid", pa.string()),
+            pa.field("subject_key", pa.string()),
+            pa.field("cluster", pa.int32()),
+            pa.field("confidence", pa.float32()),
+            pa.field("top_clusters", pa.list_(pa.int32())),
+            pa.field("top_probs", pa.list_(pa.float32())),
+            pa.field("view", pa.string()),
+            pa.field("ood", pa.bool_()),
+            pa.field("ood_score", pa.float32()),
+            pa.field("model_version", pa.string(), nullable=False),
+            pa.field("error_code", pa.string()),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker needs, picklable (it travels to pool processes and Ray actors)."""
+
+    model_repository: str
+    precision: str
+    ort_threads: int
+    source: SourceSpec
+    secret: bytes
+    max_upload_bytes: int
+    max_pixels: int
+
+    def settings(self) -> Settings:
+        return Settings(
+            model_repository=Path(self.model_repository),
+            precision=self.precision,  # type: ignore[arg-type]
+            ort_intra_op_threads=self.ort_threads,
+            max_upload_bytes=self.max_upload_bytes,
+            max_request_bytes=max(self.max_upload_bytes, Settings().max_request_bytes),
+            max_inflight_bytes=max(self.max_upload_bytes, Settings().max_inflight_bytes),
+            max_pixels=self.max_pixels,
+        )
+
+
+def limit_threads(ort_threads: int) -> None:
+    """One worker per core: OpenCV and any OpenMP/BLAS pool get one thread each, ONNX Runtime its own
+    explicit count (a Ray worker's OMP_NUM_THREADS=1 does not reach ONNX Runtime's pool, which is why the
+    count is always set explicitly on the session rather than left to the environment)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+
+
+def dicom_identity(data: bytes) -> tuple[str | None, str | None]:
+    """(identity to hash, SOP Instance UID) from a DICOM header: PatientID, else StudyInstanceUID."""
+    if sniff_format(data[:4096]) != "dicom":
+        return None, None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            force=True,
+            specific_tags=["PatientID", "StudyInstanceUID", "SOPInstanceUID"],
+        )
+    except Exception:  # an unreadable header: the decoder says what is wrong with the file
+        return None, None
+    sop = str(ds.get("SOPInstanceUID", "") or "").strip() or None
+    for tag in ("PatientID", "StudyInstanceUID"):
+        value = str(ds.get(tag, "") or "").strip()
+        if value:
+            return f"{tag}={value}", sop
+    return None, sop
+
+
+class ChunkWorker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.pipeline: Pipeline = load_pipeline(cfg.settings())
+        self.reader = Reader(cfg.source, cfg.max_upload_bytes)
+        self.hasher = SubjectHasher(cfg.secret, "")
+        self.version = self.pipeline.card.version
+        self.dim = self.pipeline.card.embedding_dim
+        self.schema = part_schema(self.dim)
+
+    def _infer(self, batch: np.ndarray):
+        for attempt in range(BACKEND_RETRIES):
+            try:
+                return self.pipeline.infer(batch)
+            except BackendUnavailableError:
+                if attempt == BACKEND_RETRIES - 1:
+                    raise
+        raise AssertionError("not reached")
+
+    def _answers(self, prepared: list[Prepared | FuscError]) -> tuple[list, np.ndarray | None]:
+        """Each item's ClusterResult or error, and the embeddings of the answered ones, in order."""
+        good = [p.tensor for p in prepared if isinstance(p, Prepared)]
+        if not good:
+            return self.pipeline.answers(prepared, None), None
+        try:
+            inference = self._infer(np.stack(good))
+            return self.pipeline.answers(prepared, inference), inference.embeddings
+        except ModelFailedError:
+            # The model raised on something in this batch: one call per image finds the one(s) it fails on,
+            # and only those get model_failed.
+            answers: list = []
+            embeddings = []
+            for p in prepared:
+                if isinstance(p, FuscError):
+                    answers.append(p)
+                    continue
+                try:
+                    inference = self._infer(p.tensor[None])
+                except ModelFailedError as exc:
+                    answers.append(exc)
+                    continue
+                answers.extend(self.pipeline.answers([p], inference))
+                embeddings.append(inference.embeddings[0])
+            return answers, (np.stack(embeddings) if embeddings else None)
+
+    def run(self, rows: list[dict]) -> pa.Table:
+        """One chunk: ``rows`` are plan rows (key, source, sop_instance_uid, subject_key)."""
+        prepared: list[Prepared | FuscError] = []
+        subjects: list[str | None] = []
+        sops: list[str | None] = []
+        for row in rows:
+            subject, sop = row.get("subject_key"), row.get("sop_instance_uid")
+            try:
+                data = self.reader.read(row["source"])
+            except FuscError as exc:
+                prepared.append(exc)
+                subjects.append(subject)
+                sops.append(sop)
+                continue
+            if subject is None or sop is None:
+                identity, header_sop = dicom_identity(data)
+                if subject is None and identity is not None:
+                    subject = self.hasher.hash(identity)
+                sop = sop or header_sop
+            subjects.append(subject)
+            sops.append(sop)
+            try:
+                prepared.append(self.pipeline.prepare(data))
+            except FuscError as exc:
+                prepared.append(exc)
+        answers, embeddings = self._answers(prepared)
+        return self._table(rows, answers, embeddings, subjects, sops)
+
+    def _table(self, rows, answers, embeddings, subjects, sops) -> pa.Table:
+        cols: dict[str, list] = {name: [] for name in self.schema.names}
+        emb_rows: list[np.ndarray | None] = []
+        e = 0
+        for row, answer, subject, sop in zip(rows, answers, subjects, sops, strict=True):
+            cols["key"].append(row["key"])
+            cols["source"].append(row["source"])
+            cols["sop_instance_uid"].append(sop)
+            cols["subject_key"].append(subject)
+            cols["model_version"].append(self.version)
+            if isinstance(answer, ClusterResult):
+                cols["cluster"].append(answer.cluster)
+                cols["confidence"].append(answer.confidence)
+                cols["top_clusters"].append([t.cluster for t in answer.top])
+                cols["top_probs"].append([t.probability for t in answer.top])
+                cols["view"].append(answer.view)
+                cols["ood"].append(answer.ood)
+                cols["ood_score"].append(answer.ood_score)
+                cols["error_code"].append(None)
+                assert embeddings is not None
+                emb_rows.append(embeddings[e])
+                e += 1
+            else:
+                code = answer.code if isinstance(answer, FuscError) else "internal_error"
+                for name in (
+                    "cluster",
+                    "confidence",
+                    "top_clusters",
+                    "top_probs",
+                    "view",
+                    "ood",
+                    "ood_score",
+                ):
+                    cols[name].append(None)
+                cols["error_code"].append(code)
+                emb_rows.append(None)
+        flat = (
+            np.concatenate([r for r in emb_rows if r is not None]).astype(np.float32)
+            if e
+            else np.zeros(0, np.float32)
+        )
+        mask = np.array([r is None for r in emb_rows], dtype=bool)
+        values = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dim)
+        # Nulls where there is no embedding: spread the answered rows over the chunk's positions.
+        take = np.cumsum(~mask) - 1
+        indices = pa.array(np.where(mask, 0, take), pa.int64(), mask=mask)
+        embedding = values.take(indices) if e else pa.nulls(len(rows), self.schema.field("embedding").type)
+        arrays = [pa.array(cols[n], self.schema.field(n).type) for n in self.schema.names[:-1]]
+        return pa.Table.from_arrays([*arrays, embedding], schema=self.schema)
+
+    def close(self) -> None:
+        self.reader.close()
