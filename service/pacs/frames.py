@@ -1,0 +1,114 @@
+"""The frame policy: which frames of an instance go through the pipeline, and how one answer comes out.
+
+* ``middle`` (default): the middle frame (frame ``n // 2``, 0-based) through ``Pipeline.cluster``, exactly
+  as the HTTP service does for a multi-frame upload. A single-frame instance is its own middle.
+* ``every_nth``: frames 0, N, 2N, ... (at most ``frame_max``), each decoded and cleaned like an upload, one
+  model call for all; the answer is the cluster most frames vote for (a tie goes to the cluster with the
+  larger summed probability, then to the lower id), reported through the frame of that cluster with the
+  highest probability. The record lists the frames used and the votes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from service.clean import preprocess
+from service.decode import decode_image
+from service.errors import DecodeError, FuscError
+from service.pipeline import ClusterResult, Pipeline, Prepared, PreprocessError
+
+logger = logging.getLogger("fusc.pacs")
+
+
+def frame_indices(n_frames: int, policy: str, step: int, limit: int) -> list[int]:
+    """0-based frames the policy looks at, for an instance of ``n_frames`` frames."""
+    n_frames = max(1, n_frames)
+    if policy == "middle":
+        return [n_frames // 2]
+    if policy == "every_nth":
+        return list(range(0, n_frames, step))[:limit]
+    raise ValueError(f"unknown frame policy {policy!r}")
+
+
+def majority(probs: np.ndarray) -> tuple[int, int, dict[int, int]]:
+    """(winning cluster, representative row, votes) for per-frame probabilities [F, K]."""
+    probs = np.asarray(probs, dtype=np.float64)
+    winners = probs.argmax(axis=1)
+    votes: dict[int, int] = {}
+    for c in winners:
+        votes[int(c)] = votes.get(int(c), 0) + 1
+    # Most votes, then the larger summed probability, then the lower cluster id.
+    cluster = min(votes, key=lambda c: (-votes[c], -float(probs[:, c].sum()), c))
+    rows = np.flatnonzero(winners == cluster)
+    row = int(rows[np.argmax(probs[rows, cluster])])
+    return cluster, row, votes
+
+
+def _prepare_frame(pipeline: Pipeline, data: bytes, index: int) -> Prepared:
+    """``Pipeline.prepare`` for one chosen frame (the same decode and clean, the same error codes)."""
+    t0 = time.perf_counter()
+    try:
+        frame = decode_image(data, max_pixels=pipeline.max_pixels, max_bytes=pipeline.max_bytes, frame=index)
+    except FuscError:
+        raise
+    except Exception as exc:
+        logger.warning("decoder raised %s; answering corrupt_image", type(exc).__name__)
+        raise DecodeError("the image could not be decoded; it may be corrupt or truncated") from exc
+    t1 = time.perf_counter()
+    try:
+        tensor = np.asarray(preprocess(frame, pipeline.card.preprocess), dtype=np.float32)
+    except FuscError:
+        raise
+    except Exception as exc:
+        logger.warning("preprocess raised %s; answering preprocess_failed", type(exc).__name__)
+        raise PreprocessError("the image decoded but could not be prepared for the model") from exc
+    t2 = time.perf_counter()
+    if tensor.shape != pipeline.input_shape:
+        raise PreprocessError(
+            f"preprocessing gave shape {tensor.shape}, the model needs {pipeline.input_shape}"
+        )
+    return Prepared(tensor=tensor, decode_ms=(t1 - t0) * 1000.0, clean_ms=(t2 - t1) * 1000.0)
+
+
+def classify(
+    pipeline: Pipeline, data: bytes, n_frames: int, *, policy: str, step: int, limit: int
+) -> dict[str, Any]:
+    """One instance's result record (what the queue stores and the write-back sends). Raises the
+    FuscError of the instance (decode, clean) or of the backend."""
+    frames = frame_indices(n_frames, policy, step, limit)
+    votes: dict[int, int] | None = None
+    if policy == "middle":
+        (answer,) = pipeline.cluster([data])
+        if isinstance(answer, FuscError):
+            raise answer
+        assert isinstance(answer, ClusterResult)
+        result = answer
+    else:
+        prepared = [_prepare_frame(pipeline, data, i) for i in frames]
+        inference = pipeline.infer(np.stack([p.tensor for p in prepared]))
+        cluster, row, votes = majority(inference.probs)
+        result = pipeline.result(
+            prepared[row],
+            inference.probs[row],
+            inference.embed_ms,
+            inference.assign_ms,
+            float(inference.ood_score[row]),
+        )
+        assert result.cluster == cluster
+    return {
+        "cluster": result.cluster,
+        "view": result.view,
+        "view_reason": result.view_reason,
+        "confidence": round(result.confidence, 6),
+        "ood": result.ood,
+        "ood_score": None if result.ood_score is None else round(result.ood_score, 6),
+        "model_version": result.model_version,
+        "frame_policy": policy,
+        "frames": frames,
+        "n_frames": max(1, n_frames),
+        "votes": None if votes is None else {str(k): v for k, v in sorted(votes.items())},
+    }
