@@ -19,7 +19,7 @@ $(VENV)/.setup-service: pyproject.toml
 # Training and tests: torch is pinned and installed first so that nothing resolves a CUDA build.
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup-service
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[train,dev]"
+	$(PIP) install -q -e ".[train,dev,ray]"
 	touch $@
 
 setup: $(VENV)/.setup-service
