@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.archive.errors import ArchiveError
 from service.errors import FuscError
 from service.settings import DEFAULT_MODEL_REPOSITORY, available_cores
 
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
-    except FuscError as exc:
+    except (FuscError, ArchiveError) as exc:
         print(f"error ({exc.code}): {exc.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -23,20 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from service.archive.errors import LedgerError, RunLockedError
 from service.archive.sources import PLAN_SCHEMA
-from service.errors import FuscError
 
 PLAN = "plan.parquet"
 PARTS = "parts"
 LOCK = ".lock"
-
-
-class LedgerError(FuscError):
-    code = "run_inconsistent"
-
-
-class RunLockedError(FuscError):
-    code = "run_locked"
 
 
 def fsync_dir(path: Path) -> None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from service.archive import store
+from service.archive.errors import SourceReadError
 from service.archive.sources import Reader, SourceSpec
 from service.card import load_card
 from service.clean import clean_frame
@@ -168,7 +169,7 @@ def _thumb(reader: Reader, source: str, cfg) -> np.ndarray | None:
     try:
         frame = decode_image(reader.read(source))
         return clean_frame(frame, cfg)
-    except FuscError:
+    except (FuscError, SourceReadError):
         return None
 
 

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from service.archive import store
-from service.archive.ledger import Ledger, LedgerError
+from service.archive.errors import LedgerError
+from service.archive.ledger import Ledger
 from service.archive.map2d import map_2d
 from service.archive.sources import SourceSpec, list_source, resolve
 from service.archive.subjects import SubjectHasher, subject_hasher
@@ -110,6 +111,7 @@ def _plan(ledger: Ledger, spec: SourceSpec, hasher: SubjectHasher, opts: RunOpti
             "chunk_size": opts.chunk_size,
             "limit": opts.limit,
             "precision": opts.precision,
+            "backbone_sha256": card.backbone_for(opts.precision).sha256,
             "source_kind": spec.kind,
             "left_out": listing.left_out,
             "subject_key_fingerprint": hasher.fingerprint,

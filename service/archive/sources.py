@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from service.archive.errors import SourceError, SourceReadError
 from service.archive.subjects import SubjectHasher
-from service.errors import FuscError, ImageTooLargeError
+from service.errors import ImageTooLargeError
 
 # File names read as images in a folder tree. DICOM files often have no suffix at all, or a numeric one
 # (files named after their UID, "1.2.840.113619.2.55.3"): those are read too, and sniffed by the decoder.
@@ -46,20 +47,6 @@ PLAN_SCHEMA = pa.schema(
         pa.field("subject_key", pa.string()),
     ]
 )
-
-
-class SourceError(FuscError):
-    """The source cannot be listed at all (a missing folder, a list without a path column, a DICOMweb
-    server that does not answer): nothing to run."""
-
-    code = "source_invalid"
-
-
-class SourceReadError(FuscError):
-    """One item's bytes could not be read (a file that vanished, a permission, a failed fetch): recorded
-    for that item, the run goes on."""
-
-    code = "source_unreadable"
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,12 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.errors import FuscError
+from service.archive.errors import SubjectKeyError
 
 ENV_SECRET = "FUSC_ARCHIVE_SUBJECT_KEY"
 ENV_SECRET_FILE = "FUSC_ARCHIVE_SUBJECT_KEY_FILE"
 RUN_SECRET_FILE = "subject-key"
 MIN_SECRET_BYTES = 16
-
-
-class SubjectKeyError(FuscError):
-    code = "subject_key_invalid"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from service.archive.errors import SourceReadError
 from service.archive.sources import Reader, SourceSpec
 from service.archive.subjects import SubjectHasher
 from service.decode import sniff_format
@@ -165,7 +166,7 @@ class ChunkWorker:
             subject, sop = row.get("subject_key"), row.get("sop_instance_uid")
             try:
                 data = self.reader.read(row["source"])
-            except FuscError as exc:
+            except (FuscError, SourceReadError) as exc:
                 prepared.append(exc)
                 subjects.append(subject)
                 sops.append(sop)
@@ -207,7 +208,7 @@ class ChunkWorker:
                 emb_rows.append(embeddings[e])
                 e += 1
             else:
-                code = answer.code if isinstance(answer, FuscError) else "internal_error"
+                code = answer.code if isinstance(answer, (FuscError, SourceReadError)) else "internal_error"
                 for name in (
                     "cluster",
                     "confidence",
