@@ -45,7 +45,13 @@ logger = logging.getLogger("fusc.service")
 SETTINGS = Settings.from_env()
 # Room for multipart boundaries and part headers on top of the file bytes themselves.
 _MULTIPART_OVERHEAD = 64 * 1024
-V1_ROUTES = {"/v1/cluster": "POST", "/v1/cluster/batch": "POST", "/v1/embed": "POST", "/v1/model": "GET"}
+V1_ROUTES = {
+    "/v1/cluster": "POST",
+    "/v1/cluster/batch": "POST",
+    "/v1/embed": "POST",
+    "/v1/model": "GET",
+    "/v1/similar": "POST",
+}
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -153,6 +159,26 @@ async def _model_summary(request: Request, svc: FuscService, pipeline: Pipeline)
     return JSONResponse(svc.summary())
 
 
+async def _similar(request: Request, svc: FuscService, pipeline: Pipeline) -> Response:
+    """The archive images nearest to the uploaded one (service.archive.similar), ``?k=`` of them."""
+    from service.archive.similar import MAX_K, NoSimilarIndexError, SimilarResponse
+
+    # Refused before the body is read: no index, or one of another model.
+    if svc.similar_error is not None:
+        raise svc.similar_error
+    if svc.similar is None:
+        raise NoSimilarIndexError("no similar-image index: start the service with FUSC_SIMILAR_INDEX=RUN_DIR")
+    raw_k = request.query_params.get("k", "10")
+    if not raw_k.isdigit() or not 1 <= int(raw_k) <= MAX_K:
+        raise BadRequestError(f"k must be a whole number from 1 to {MAX_K}")
+    (answer,) = await answer_images(request, svc, pipeline, field="image", max_files=1, kind="embed")
+    if isinstance(answer, FuscError):  # already counted where it was answered
+        return error_response(answer, svc.settings.retry_after_s)
+    hits = await anyio.to_thread.run_sync(svc.similar.search, answer.embedding, int(raw_k))
+    body = SimilarResponse(model_version=answer.model_version, index=svc.similar.info(), neighbours=hits)
+    return JSONResponse(body.model_dump(mode="json"))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 in our JSON shape (405 keeps its Allow header), counted like the rest."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -170,6 +196,7 @@ app = Starlette(
         Route("/cluster/batch", _endpoint("cluster_batch", _cluster_batch), methods=["POST"]),
         Route("/embed", _endpoint("embed", _single("embed")), methods=["POST"]),
         Route("/model", _endpoint("model", _model_summary), methods=["GET"]),
+        Route("/similar", _endpoint("similar", _similar), methods=["POST"]),
     ],
     exception_handlers={HTTPException: _http_error},
 )
@@ -268,6 +295,8 @@ class FuscService:
         logging.getLogger("fusc").setLevel(self.settings.log_level)
         self.pipeline: Pipeline | None = None
         self.scheduler: Scheduler | None = None
+        self.similar: Any = None  # service.archive.similar.SimilarIndex, when FUSC_SIMILAR_INDEX is set
+        self.similar_error: FuscError | None = None
         try:
             self.pipeline = load_pipeline(self.settings)
         except FuscError as exc:
@@ -278,6 +307,7 @@ class FuscService:
             return
         self.scheduler = Scheduler(self.pipeline, self.settings)
         card = self.pipeline.card
+        self._load_similar()
         metrics.set_model_info(card.name, card.version, self.pipeline.backend.name)
         logger.info(
             "serving model %s %s (K=%d), batching %s (at most %d images, %.1f ms wait), %d preprocessing "
@@ -292,6 +322,32 @@ class FuscService:
             self.settings.ort_threads,
             "on" if self.settings.api_keys else "off",
             card.preprocess,
+        )
+
+    def _load_similar(self) -> None:
+        """The similar-image index, when one is configured. A missing or mismatched index leaves the other
+        routes serving; /v1/similar answers the reason (a mismatch: 409 index_model_mismatch)."""
+        if self.settings.similar_index is None:
+            return
+        assert self.pipeline is not None
+        from service.archive.similar import NoSimilarIndexError, SimilarIndex
+
+        try:
+            try:
+                index = SimilarIndex.load(self.settings.similar_index)
+            except (OSError, ValueError, RuntimeError) as exc:  # unreadable files, a run of another format
+                raise NoSimilarIndexError(f"the similar-image index could not be loaded: {exc}") from exc
+            index.check_model(self.pipeline.card, self.settings.precision)
+        except FuscError as exc:
+            logger.error("the similar-image index was not loaded (%s): %s", exc.code, exc.message)
+            self.similar_error = exc
+            return
+        self.similar = index
+        logger.info(
+            "similar-image index: %s, %d images, model %s",
+            index.meta.kind,
+            index.meta.count,
+            index.meta.model_version,
         )
 
     def __is_ready__(self) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from service.archive.similar import MAX_K, SimilarResponse
 from service.errors import ERROR_CODES
 from service.pipeline import BatchResponse, ClusterResult, EmbedResult, ErrorResponse
 from service.settings import Settings
@@ -47,6 +48,11 @@ ROUTE_CODES: dict[str, tuple[str, ...]] = {
     "/v1/embed": _IMAGE_CODES + _REQUEST_CODES + _SERVER_CODES + _AUTH_CODES,
     "/v1/cluster/batch": _REQUEST_CODES + _SERVER_CODES + _AUTH_CODES,
     "/v1/model": ("method_not_allowed", "internal_error", "model_not_loaded") + _AUTH_CODES,
+    "/v1/similar": _IMAGE_CODES
+    + _REQUEST_CODES
+    + ("no_similar_index", "index_model_mismatch")
+    + _SERVER_CODES
+    + _AUTH_CODES,
 }
 # Codes an entry of a batch answer's `results` can carry.
 BATCH_ITEM_CODES = _IMAGE_CODES
@@ -60,7 +66,10 @@ _HEADERS = {
 
 def _schemas() -> dict[str, Any]:
     _, top = models_json_schema(
-        [(m, "serialization") for m in (ClusterResult, BatchResponse, EmbedResult, ErrorResponse)],
+        [
+            (m, "serialization")
+            for m in (ClusterResult, BatchResponse, EmbedResult, ErrorResponse, SimilarResponse)
+        ],
         ref_template="#/components/schemas/{model}",
     )
     return top["$defs"]
@@ -157,7 +166,7 @@ def build_openapi(settings: Settings, version: str = "unknown") -> dict[str, Any
                 "Sorts fetal ultrasound images into anatomical views without labels. Every error is "
                 '`{"error": {"code", "message"}}` with a stable code; 4xx is the caller\'s, 503 carries '
                 "Retry-After and is safe to retry. No answer, log line or metric carries a file name or "
-                "patient identifier."
+                "patient identifier, except that /v1/similar names archive images by their archive run key."
             ),
         },
         "paths": {
@@ -199,6 +208,29 @@ def build_openapi(settings: Settings, version: str = "unknown") -> dict[str, Any
                     "/v1/model",
                     {"description": "the model card and serving state", "content": {"application/json": {}}},
                 )
+            },
+            "/v1/similar": {
+                "post": {
+                    **op(
+                        "Similar archive images",
+                        "The `k` archive images (query parameter, 1 to "
+                        f"{MAX_K}, default 10) whose embeddings are nearest to this image's, with their "
+                        "clusters: from the archive run index the service was started with "
+                        "(FUSC_SIMILAR_INDEX), which must come from the served model. "
+                        f"{limits}",
+                        "/v1/similar",
+                        _ok("SimilarResponse", "the nearest archive images, most similar first"),
+                        _multipart("image", False),
+                    ),
+                    "parameters": [
+                        {
+                            "name": "k",
+                            "in": "query",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
+                        }
+                    ],
+                }
             },
             "/livez": plain("Liveness", "The HTTP server runs."),
             "/healthz": plain("Liveness", "The HTTP server runs (alias of /livez)."),

@@ -90,6 +90,10 @@ class Settings(BaseModel):
     # or `X-API-Key: KEY`. Health, metrics and docs stay open (probes and Prometheus carry no key).
     api_keys: tuple[str, ...] = Field(default=(), repr=False)
 
+    # --- Similar-image search: a finished archive run folder with an index (python -m service.archive index);
+    # unset, POST /v1/similar answers 404 no_similar_index. The index must come from the served model.
+    similar_index: Path | None = None
+
     # --- Drift: the cluster mix of the last this-many answers is compared with the training mix.
     drift_window: int = Field(default=1000, ge=10)
 
