@@ -16,6 +16,7 @@ from service.review import exports
 from service.review.decisions import DecisionLog
 from service.review.state import Review
 from service.settings import Settings
+from tests.review.conftest import copy_repository
 
 
 def test_labels_csv_and_parquet_agree(synthetic_run, tmp_path):
@@ -35,7 +36,8 @@ def test_labels_csv_and_parquet_agree(synthetic_run, tmp_path):
 
 def test_a_published_card_is_a_new_version_the_service_serves(phantom_run, tmp_path):
     run = load_run(phantom_run.run)
-    old = load_card(phantom_run.repository)
+    repo = copy_repository(tmp_path / "repo")
+    old = load_card(repo)
     r = Review(run, DecisionLog(tmp_path / "d.sqlite"), old.cluster_names)
     # The most confident in-distribution image and its cluster, named something the old card does not say.
     ok = r.ok & ~r.ood
@@ -43,23 +45,23 @@ def test_a_published_card_is_a_new_version_the_service_serves(phantom_run, tmp_p
     c = int(r.head[row])
     new_view = "lips" if old.cluster_names.get(c) != "lips" else "cervix"
     r.accept(c, "ana", view=new_view)
-    out = exports.publish_card(r, phantom_run.repository, "ana")
-    card = load_card(phantom_run.repository, verify=True)
+    out = exports.publish_card(r, repo, "ana")
+    card = load_card(repo, verify=True)
     assert card.version == out["version"] == f"{old.version}+review.1"
     assert card.cluster_names[c] == new_view
     assert card.quality["review"]["previous_version"] == old.version
     assert card.quality["review"]["accepted_clusters"] == [c]
-    kept = phantom_run.repository / exports.HISTORY / f"model_card.{old.version}.json"
+    kept = repo / exports.HISTORY / f"model_card.{old.version}.json"
     assert json.loads(kept.read_text())["version"] == old.version
     # The service's own pipeline on that repository now names the image's cluster so.
-    pipeline = load_pipeline(Settings(model_repository=phantom_run.repository))
+    pipeline = load_pipeline(Settings(model_repository=repo))
     source = run.manifest.source_root + "/" + r.sources[row]
     (answer,) = pipeline.cluster([open(source, "rb").read()])
     assert isinstance(answer, ClusterResult)
     assert answer.cluster == c and answer.view == new_view and answer.model_version == card.version
     # A second publication is the next version; the first is kept too.
     r.name(c, "femur", "ana")
-    again = exports.publish_card(r, phantom_run.repository, "ana")
+    again = exports.publish_card(r, repo, "ana")
     assert again["version"] == f"{old.version}+review.2"
-    assert (phantom_run.repository / exports.HISTORY / f"model_card.{old.version}+review.1.json").is_file()
-    assert (phantom_run.repository / CARD_FILENAME).is_file()
+    assert (repo / exports.HISTORY / f"model_card.{old.version}+review.1.json").is_file()
+    assert (repo / CARD_FILENAME).is_file()
