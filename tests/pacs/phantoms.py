@@ -102,7 +102,7 @@ def make_instance(
     ds.StudyTime = ds.ContentTime = "101500"
     ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 1, index + 1
     ds.ReferringPhysicianName = ""
-    ds.Modality = "DOC" if kind == "pdf" else ("OT" if kind == "sc" else "US")
+    ds.Modality = "DOC" if kind == "pdf" else "US"  # an SC screen export from the scanner is US too
     ds.Manufacturer = "fusc phantom"
     if kind == "pdf":
         ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
