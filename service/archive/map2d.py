@@ -55,7 +55,9 @@ def map_2d(
     _, _, vt = np.linalg.svd(ref - mean, full_matrices=False)
     basis = vt[: min(PCA_DIMS, vt.shape[0])].T.astype(np.float32)
     reduced = _project(emb, mean, basis)
-    if method == "pca":
+    if reduced.shape[1] < 2:  # one or two images: as many components as they span
+        reduced = np.pad(reduced, ((0, 0), (0, 2 - reduced.shape[1])))
+    if method == "pca" or n < 10:
         return np.ascontiguousarray(reduced[:, :2]), "pca"
     if method != "tsne":
         raise ValueError(f"unknown map method {method!r}: auto, tsne, pca or none")

@@ -160,14 +160,15 @@ class ChunkWorker:
     def run(self, rows: list[dict]) -> pa.Table:
         """One chunk: ``rows`` are plan rows (key, source, sop_instance_uid, subject_key)."""
         prepared: list[Prepared | FuscError] = []
+        unreadable: dict[int, SourceReadError | FuscError] = {}  # row -> why its bytes could not be read
         subjects: list[str | None] = []
         sops: list[str | None] = []
-        for row in rows:
+        for i, row in enumerate(rows):
             subject, sop = row.get("subject_key"), row.get("sop_instance_uid")
             try:
                 data = self.reader.read(row["source"])
             except (FuscError, SourceReadError) as exc:
-                prepared.append(exc)
+                unreadable[i] = exc
                 subjects.append(subject)
                 sops.append(sop)
                 continue
@@ -183,7 +184,9 @@ class ChunkWorker:
             except FuscError as exc:
                 prepared.append(exc)
         answers, embeddings = self._answers(prepared)
-        return self._table(rows, answers, embeddings, subjects, sops)
+        read = iter(answers)
+        merged = [unreadable[i] if i in unreadable else next(read) for i in range(len(rows))]
+        return self._table(rows, merged, embeddings, subjects, sops)
 
     def _table(self, rows, answers, embeddings, subjects, sops) -> pa.Table:
         cols: dict[str, list] = {name: [] for name in self.schema.names}
