@@ -337,6 +337,7 @@ class ReviewApp:
             "image.html",
             t=self.tile(row),
             head=int(r.head[row]),
+            cluster_name=r.names.get(int(r.rc[row])),
             subject=r.subjects[row],
             ood_score=ood_score,
             top=top,

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ import pyarrow as pa
 import pytest
 
 from service.archive.store import RESULT_SCHEMA, RunManifest, write_manifest, write_results
+
+# starlette's TestClient asks for httpx2 from its 1.x on; the httpx it ships with still works.
+warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = REPO_ROOT / "model_repository"

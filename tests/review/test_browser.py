@@ -52,6 +52,17 @@ def _css(driver, selector):
     return driver.find_element("css selector", selector)
 
 
+def _go(driver, selector) -> None:
+    """Click what ``selector`` finds and wait for the page it leads to (a form post, a link)."""
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element("tag name", "html")
+    _css(driver, selector).click()
+    WebDriverWait(driver, 30).until(ec.staleness_of(old))
+    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def _select(driver, selector, value):
     from selenium.webdriver.support.ui import Select
 
@@ -84,26 +95,26 @@ def test_review_in_a_real_browser(phantom_run, browser, tmp_path):
         _fits(d)
 
         # Open cluster a, name it "abdomen".
-        _css(d, f"#cluster-{a} h2 a").click()
+        _go(d, f"#cluster-{a} h2 a")
         assert d.current_url.endswith(f"/cluster/{a}")
         _images_loaded(d)
         _fits(d)
         _select(d, "#name-view", "abdomen")
-        _css(d, "#name-go").click()
+        _go(d, "#name-go")
         assert _css(d, "#cluster-name").text == "abdomen"
         assert "named cluster" in _css(d, "#flash").text
 
         # Least confident first, then mark the least confident image an outlier.
-        _css(d, "#least-first").click()
+        _go(d, "#least-first")
         tile = _css(d, "figure.tile")
         outlier_id = tile.get_attribute("data-id")
         tile.find_element("css selector", "input[type=checkbox]").click()
-        _css(d, "#mark-outlier").click()
+        _go(d, "#mark-outlier")
         assert "outlier for 1 image" in _css(d, "#flash").text
         assert "st-outlier" in _css(d, f'figure.tile[data-id="{outlier_id}"]').get_attribute("class")
 
         # The image page of that image: both pictures and the neighbours load.
-        _css(d, f'figure.tile[data-id="{outlier_id}"] a').click()
+        _go(d, f'figure.tile[data-id="{outlier_id}"] a')
         assert "outlier" in _css(d, "#image-label").text
         _images_loaded(d)
         _fits(d)
@@ -112,7 +123,7 @@ def test_review_in_a_real_browser(phantom_run, browser, tmp_path):
         d.get(app.url + "/")
         _select(d, "#merge-source", b)
         _select(d, "#merge-target", a)
-        _css(d, "#merge-go").click()
+        _go(d, "#merge-go")
         assert "merged cluster" in _css(d, "#flash").text
         assert not d.find_elements("css selector", f"#cluster-{b}")
         assert f"merged: {b}" in _css(d, f"#cluster-{a}").text
@@ -120,21 +131,21 @@ def test_review_in_a_real_browser(phantom_run, browser, tmp_path):
         # Name c, then take it back with "Undo last".
         d.get(app.url + f"/cluster/{c}")
         _select(d, "#name-view", "femur")
-        _css(d, "#name-go").click()
+        _go(d, "#name-go")
         assert _css(d, "#cluster-name").text == "femur"
-        _css(d, "#undo-last").click()
+        _go(d, "#undo-last")
         assert _css(d, "#cluster-name").text == "unnamed"
 
         # Accept a (name & accept).
         d.get(app.url + f"/cluster/{a}")
         _select(d, "#name-view", "abdomen")
-        _css(d, "#name-accept").click()
+        _go(d, "#name-accept")
         assert _css(d, "#accepted").text == "accepted"
 
         # Export: a new model card version, and the labels CSV as the browser downloads it.
         d.get(app.url + "/export")
         old_version = _css(d, "#card-version").text
-        _css(d, "#publish").click()
+        _go(d, "#publish")
         assert "model card" in _css(d, "#flash").text
         new_version = _css(d, "#card-version").text
         assert new_version == f"{old_version}+review.1"
