@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +30,15 @@ import pytest
 
 from service.archive.store import RESULT_SCHEMA, RunManifest, write_manifest, write_results
 
-# starlette's TestClient asks for httpx2 from its 1.x on; the httpx it ships with still works.
-warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = REPO_ROOT / "model_repository"
 # The views the bundled model was trained on (Makefile: BUNDLED_PHANTOM_VIEWS).
 BUNDLED_VIEWS = ("brain", "abdomen", "femur", "thorax_4ch", "spine", "profile", "kidneys")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # starlette's TestClient asks for httpx2 from its 1.x on; the httpx it ships with still works.
+    config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
 
 
 def free_port() -> int:
