@@ -45,15 +45,22 @@ class RayChunkActor:
     """One per Ray actor: loads the pipeline once, then answers one chunk per call."""
 
     def __init__(self, cfg: WorkerConfig) -> None:
+        import ray
+
         limit_threads(cfg.ort_threads)
         self.worker = ChunkWorker(cfg)
+        self.node = ray.util.get_node_ip_address()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chunks, tables = [], []
         for index, rows in zip(batch["chunk"], batch["rows"], strict=True):
             chunks.append(int(index))
             tables.append(_to_ipc(self.worker.run(json.loads(rows))))
-        return {"chunk": np.asarray(chunks, np.int64), "table": np.asarray(tables, dtype=object)}
+        return {
+            "chunk": np.asarray(chunks, np.int64),
+            "table": np.asarray(tables, dtype=object),
+            "node": np.asarray([self.node] * len(chunks), dtype=object),
+        }
 
 
 def _loopback_host(address: str | None) -> str | None:
@@ -74,7 +81,9 @@ def run_ray(
     address: str | None = None,
     node_ip: str | None = None,
     cpus_per_worker: float = 1.0,
+    stats: dict | None = None,
 ) -> Iterator[tuple[int, pa.Table]]:
+    """Chunks on the cluster's actors; ``stats`` (when given) gets the actors and the chunks per node."""
     import ray
 
     kwargs: dict = {"address": address or "auto", "log_to_driver": False, "configure_logging": False}
@@ -97,8 +106,12 @@ def run_ray(
             num_cpus=cpus_per_worker,
             batch_format="numpy",
         )
+        per_node: dict[str, int] = {}
+        if stats is not None:
+            stats.update(ray_actors=actors, ray_cluster_cpus=cpus, chunks_per_node=per_node)
         for batch in out.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            for index, data in zip(batch["chunk"], batch["table"], strict=True):
+            for index, data, node in zip(batch["chunk"], batch["table"], batch["node"], strict=True):
+                per_node[str(node)] = per_node.get(str(node), 0) + 1
                 yield int(index), _from_ipc(data)
     finally:
         ray.shutdown()

@@ -124,11 +124,18 @@ def _plan(ledger: Ledger, spec: SourceSpec, hasher: SubjectHasher, opts: RunOpti
     return manifest
 
 
-def _engine(opts: RunOptions, cfg: WorkerConfig, chunks):
+def _engine(opts: RunOptions, cfg: WorkerConfig, chunks, session: dict):
     if opts.engine == "ray":
         from service.archive.ray_engine import run_ray
 
-        return run_ray(cfg, chunks, workers=opts.workers, address=opts.ray_address, node_ip=opts.ray_node_ip)
+        return run_ray(
+            cfg,
+            chunks,
+            workers=opts.workers,
+            address=opts.ray_address,
+            node_ip=opts.ray_node_ip,
+            stats=session,
+        )
     if opts.engine != "pool":
         raise ValueError(f"unknown engine {opts.engine!r}: pool or ray")
     from service.archive.engines import run_inline, run_pool
@@ -208,7 +215,7 @@ def _run_locked(spec: SourceSpec, opts: RunOptions, ledger: Ledger) -> store.Run
     )
     try:
         if pending:
-            for index, part in _engine(opts, cfg, ledger.chunks(plan, chunk_size, pending)):
+            for index, part in _engine(opts, cfg, ledger.chunks(plan, chunk_size, pending), session):
                 ledger.commit(index, part)
                 processed += len(part)
                 bar.update(len(part))
