@@ -133,7 +133,7 @@ def test_watcher_outage_and_sigkill_keep_exactly_one_result(stack: tuple[Orthanc
     worker.wait_settled(expected=7, timeout_s=60)  # the PDF is never queued
 
     # Orthanc goes down; the scanner keeps sending to the receiver, which queues without Orthanc.
-    orthanc.stop()
+    orthanc.stop(crash=True)
     second = mixed_set(6, start=300, odd=())
     assert set(cstore(second, worker.receiver_port).values()) == {0x0000}
     # Wait until the write-backs are failing and being retried: results stored, forms pending.

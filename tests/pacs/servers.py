@@ -109,8 +109,15 @@ class Orthanc:
                 pytest.fail(f"Orthanc did not start:\n{_tail(self.log)}")
             time.sleep(0.1)
 
-    def stop(self) -> None:
+    def stop(self, *, crash: bool = False) -> None:
+        """SIGTERM (Orthanc finishes what it serves, which takes seconds); ``crash``: SIGKILL, an outage
+        that starts at once."""
         if self.process is None or self.process.poll() is not None:
+            self.process = None
+            return
+        if crash:
+            self.process.kill()
+            self.process.wait(timeout=10)
             self.process = None
             return
         self.process.terminate()
