@@ -15,7 +15,7 @@ looks at both parts again; a cluster it may no longer split is named after its m
 single images. Budget: K + 20 decisions (K = the model's clusters). The score is the share of all images
 whose exported label is their true view (an image without a label counts as wrong).
 
-    python -m benchmarks.review_naming --seeds 0 1 2 --n 600 --out docs/results/review \\
+    python -m benchmarks.review_naming --seeds 1 2 3 --n 600 --out docs/results/review \\
         [--screenshots docs/screenshots]
 """
 
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.review_naming", description=__doc__.splitlines()[0]
     )
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--n", type=int, default=600)
     ap.add_argument("--purity", type=float, default=0.9)
     ap.add_argument("--with-cervix", action="store_true", help="one more run per seed with the unseen view")
