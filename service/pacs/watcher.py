@@ -69,7 +69,9 @@ class Watcher:
         self.dicomweb = settings.dicomweb_url.rstrip("/")
         self.orthanc = settings.orthanc_url.rstrip("/")
         self.failures = 0
-        self.last_ok: float | None = None
+        # UIDs this process has already offered: QIDO mode lists the cursor's day again at every poll, and
+        # those instances are neither counted again nor looked up. Bounded; forgetting only costs a lookup.
+        self._seen: set[str] = set()
 
     # ---------------------------------------------------------------------------------------- HTTP
     def _get(self, url: str, **kwargs: Any) -> httpx.Response:
@@ -94,8 +96,10 @@ class Watcher:
 
     def offer(self, tags: dict[str, Any]) -> bool:
         """Queue the instance a QIDO-RS answer describes, unless unwanted or known. True when queued."""
-        metrics.RECEIVED.labels(source="dicomweb").inc()
         uid = _first(tags, "00080018")
+        if uid in self._seen:
+            return False
+        metrics.RECEIVED.labels(source="dicomweb").inc()
         sop_class = _first(tags, "00080016") or ""
         study, series = _first(tags, "0020000D"), _first(tags, "0020000E")
         if not (uid and study and series):
@@ -103,13 +107,21 @@ class Watcher:
             return False
         if not is_wanted(sop_class, _first(tags, "00080060")):
             metrics.IGNORED.labels(source="dicomweb", reason="sop_class").inc()
+            self._remember(uid)
             return False
         if self.queue.known(uid):
             metrics.DUPLICATES.labels(source="dicomweb").inc()
+            self._remember(uid)
             return False
         queued = self.queue.enqueue(uid, sop_class, "dicomweb", self.retrieve(study, series, uid))
         (metrics.QUEUED if queued else metrics.DUPLICATES).labels(source="dicomweb").inc()
+        self._remember(uid)
         return queued
+
+    def _remember(self, uid: str) -> None:
+        if len(self._seen) >= 100_000:
+            self._seen.clear()
+        self._seen.add(uid)
 
     # ------------------------------------------------------------------------------ orthanc-changes
     def poll_changes(self) -> int:

@@ -160,3 +160,34 @@ def test_watcher_outage_and_sigkill_keep_exactly_one_result(stack: tuple[Orthanc
     worker.wait_settled(expected=7 + len(second), timeout_s=90)
     check_results(orthanc, worker, first + second, {"metadata", "sr"})
     assert_no_phi(*phi_texts(worker))
+
+
+def test_qido_watcher_finds_new_instances_by_study_date(stack: tuple[Orthanc, WorkerProcess]) -> None:
+    """The PACS-neutral mode: QIDO-RS by StudyDate, WADO-RS, the SR by STOW-RS; the cursor survives a
+    restart (a second run queues nothing twice)."""
+    orthanc, worker = stack
+    worker.env.update(
+        {
+            "FUSC_PACS_WATCH": "qido",
+            "FUSC_PACS_QIDO_START_DATE": "20250101",
+            "FUSC_PACS_WRITEBACK": "sr",
+            "FUSC_PACS_SR_STORE": "stow",
+            "FUSC_PACS_RECEIVER": "false",
+        }
+    )
+    orthanc.start()
+    instances = mixed_set(6, start=400, odd=("pdf",))
+    for inst in instances:
+        orthanc.upload(inst.data)
+    worker.start()
+    worker.wait_settled(expected=5, timeout_s=60)
+    queue = worker.queue()
+    assert queue.cursor("qido-study-date") == "20250102"
+    queue.close()
+    worker.stop()
+    worker.start()
+    time.sleep(1.5)  # a few polls over the same day
+    counts = worker.wait_settled(expected=5, timeout_s=30)
+    assert counts["done"] == 5 and sum(counts.values()) == 5
+    assert metric_value(worker.metrics(), "fusc_pacs_duplicates_total", {"source": "dicomweb"}) >= 5
+    check_results(orthanc, worker, instances, {"sr"})
