@@ -22,6 +22,7 @@ from urllib.parse import quote, urlencode
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -276,7 +277,7 @@ class ReviewApp:
         return json.loads(self.log.get_meta("labelstudio_projects") or "[]")
 
     # --------------------------------------------------------------------------------------- pages
-    async def overview(self, request: Request) -> Response:
+    def overview(self, request: Request) -> Response:
         r = self.review
         clusters = []
         for s in r.clusters():
@@ -295,7 +296,7 @@ class ReviewApp:
             accepted=len(r.accepted),
         )
 
-    async def cluster(self, request: Request) -> Response:
+    def cluster(self, request: Request) -> Response:
         r = self.review
         try:
             c = int(request.path_params["cid"])
@@ -323,7 +324,7 @@ class ReviewApp:
             map_svg=_map_svg(r, c),
         )
 
-    async def image(self, request: Request) -> Response:
+    def image(self, request: Request) -> Response:
         r = self.review
         row = r.row_of_id.get(request.path_params["iid"])
         if row is None:
@@ -345,7 +346,7 @@ class ReviewApp:
             error=r.run.table.column("error_code")[row].as_py(),
         )
 
-    async def picture(self, request: Request) -> Response:
+    def picture(self, request: Request) -> Response:
         iid, kind = request.path_params["iid"], request.path_params["kind"]
         row = self.review.row_of_id.get(iid)
         if row is None or kind not in ("thumb", "clean", "original"):
@@ -360,7 +361,7 @@ class ReviewApp:
             strategy = "mixed"
         return active.pick(self.review, n, strategy), n, strategy
 
-    async def next_page(self, request: Request) -> Response:
+    def next_page(self, request: Request) -> Response:
         picked, n, strategy = self._pick(request)
         tiles = [{**self.tile(row), "why": why} for row, why in picked]
         return self.render(
@@ -373,7 +374,7 @@ class ReviewApp:
             labelstudio=self.labelstudio() is not None,
         )
 
-    async def next_csv(self, request: Request) -> Response:
+    def next_csv(self, request: Request) -> Response:
         picked, _, _ = self._pick(request)
         r = self.review
         lines = ["key,image_id,cluster,confidence,criterion"]
@@ -386,12 +387,12 @@ class ReviewApp:
             headers={"Content-Disposition": 'attachment; filename="label-next.csv"'},
         )
 
-    async def decisions_page(self, request: Request) -> Response:
+    def decisions_page(self, request: Request) -> Response:
         r = self.review
         items = [{"d": d, "text": r.describe(d)} for d in reversed(self.log.all())]
         return self.render(request, "decisions.html", items=items)
 
-    async def export_page(self, request: Request) -> Response:
+    def export_page(self, request: Request) -> Response:
         current = None
         if self.repository is not None:
             try:
@@ -413,21 +414,21 @@ class ReviewApp:
             projects=self.projects(),
         )
 
-    async def labels_csv(self, request: Request) -> Response:
+    def labels_csv(self, request: Request) -> Response:
         return Response(
             exports.labels_csv(self.review),
             media_type="text/csv",
             headers={"Content-Disposition": 'attachment; filename="labels.csv"'},
         )
 
-    async def labels_parquet(self, request: Request) -> Response:
+    def labels_parquet(self, request: Request) -> Response:
         return Response(
             exports.labels_parquet(self.review),
             media_type="application/vnd.apache.parquet",
             headers={"Content-Disposition": 'attachment; filename="labels.parquet"'},
         )
 
-    async def state_json(self, request: Request) -> Response:
+    def state_json(self, request: Request) -> Response:
         """The review's state for scripts: clusters and the decision count (no keys)."""
         r = self.review
         body = {
@@ -475,8 +476,9 @@ class ReviewApp:
         what = request.path_params["what"]
         who = request.state.who
         r = self.review
+        r.sync()
         try:
-            msg = self._act(what, form, who, r)
+            msg = await run_in_threadpool(self._act, what, form, who, r)
         except (DecisionError, ValueError, KeyError, FuscError, LabelStudioError) as exc:
             text = exc.message if isinstance(exc, FuscError) else str(exc)
             return RedirectResponse(_with(back, err=text), status_code=303)
@@ -566,18 +568,28 @@ def _with(url: str, **params: str) -> str:
 
 def create_app(config: ReviewConfig) -> Starlette:
     ra = ReviewApp(config)
+
+    def page(fn):
+        # Plain functions: Starlette runs them in its thread pool, so a slow picture does not hold up the
+        # rest; each first catches up with decisions another app took on the same state folder.
+        def endpoint(request: Request) -> Response:
+            ra.review.sync()
+            return fn(request)
+
+        return endpoint
+
     routes = [
-        Route("/", ra.overview),
-        Route("/cluster/{cid}", ra.cluster),
-        Route("/image/{iid}", ra.image),
+        Route("/", page(ra.overview)),
+        Route("/cluster/{cid}", page(ra.cluster)),
+        Route("/image/{iid}", page(ra.image)),
         Route("/img/{kind}/{iid}.png", ra.picture),
-        Route("/next", ra.next_page),
-        Route("/next.csv", ra.next_csv),
-        Route("/decisions", ra.decisions_page),
-        Route("/export", ra.export_page),
-        Route("/export/labels.csv", ra.labels_csv),
-        Route("/export/labels.parquet", ra.labels_parquet),
-        Route("/state.json", ra.state_json),
+        Route("/next", page(ra.next_page)),
+        Route("/next.csv", page(ra.next_csv)),
+        Route("/decisions", page(ra.decisions_page)),
+        Route("/export", page(ra.export_page)),
+        Route("/export/labels.csv", page(ra.labels_csv)),
+        Route("/export/labels.parquet", page(ra.labels_parquet)),
+        Route("/state.json", page(ra.state_json)),
         Route("/login", ra.login, methods=["GET", "POST"]),
         Route("/action/{what}", ra.action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

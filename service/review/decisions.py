@@ -147,5 +147,11 @@ class DecisionLog:
         """The decisions that shape the review now, in the order they were taken (undos left out)."""
         return [d for d in self.all() if d.stands and d.kind != "undo"]
 
+    def version(self) -> tuple[int, int]:
+        """Changes whenever a decision is taken or undone (by this process or another on the same file)."""
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(id), 0), COUNT(undone_by) FROM decisions").fetchone()
+        return int(row[0]), int(row[1])
+
     def count(self, *, standing_only: bool = False) -> int:
         return len(self.standing()) if standing_only else len(self.all())

@@ -175,6 +175,12 @@ class Review:
             self.merged, self.origin, self.marks, self.image_labels = merged, origin, marks, labels
             self.decisions = decisions
             self._summaries = self._summarise()
+            self._version = self.log.version()
+
+    def sync(self) -> None:
+        """Replay again if the log changed behind this object's back (another app on the same state)."""
+        if self.log.version() != self._version:
+            self.refresh()
 
     def _summarise(self) -> dict[int, ClusterSummary]:
         out: dict[int, ClusterSummary] = {}

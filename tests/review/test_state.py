@@ -111,3 +111,15 @@ def test_import_labels_and_page_ids_hide_keys(synthetic_run, tmp_path):
     m = r.mark([3, 4, 5, 6], "wrong", "ana")
     text = r.describe(m)
     assert image_id("img_0003.png") in text and "img_" not in text and "1 more" in text
+
+
+def test_a_second_app_on_the_same_state_catches_up(synthetic_run, tmp_path):
+    one = _review(synthetic_run, tmp_path)
+    two = _review(synthetic_run, tmp_path)
+    one.name(0, "brain", "ana")
+    assert two.cluster(0).name is None  # not yet replayed
+    two.sync()
+    assert two.cluster(0).name == "brain"
+    one.undo(None, "ana")
+    two.sync()
+    assert two.cluster(0).name is None
