@@ -109,3 +109,31 @@ triton-serve: setup triton-venv
 test-triton: setup-dev
 	$(PY) -m pytest -q tests/service/test_triton_backend.py tests/service/test_triton_repository.py \
 	  tests/integration/test_triton.py
+
+# ------------------------------------------------------------------------------------------ Review app
+# Label Studio (the review's hand-off to labelers) in its own venv: it brings Django and its own pins.
+# About 90 s and 1 GB from PyPI; tests/review/test_labelstudio.py (slow) starts it on 127.0.0.1 and skips
+# without it.
+LABELSTUDIO_VENV ?= .venv-labelstudio
+RUN ?= runs/archive
+REVIEW_PORT ?= 8765
+
+.PHONY: labelstudio-venv review test-review test-labelstudio
+
+$(LABELSTUDIO_VENV)/.setup: service/review/requirements-labelstudio.txt
+	$(PYTHON) -m venv $(LABELSTUDIO_VENV)
+	$(LABELSTUDIO_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LABELSTUDIO_VENV)/bin/python -m pip install -q -r service/review/requirements-labelstudio.txt
+	touch $@
+
+labelstudio-venv: $(LABELSTUDIO_VENV)/.setup
+
+# The review web app over a finished archive run: make review RUN=runs/archive
+review: setup
+	$(PY) -m service.review $(RUN) --host $(HOST) --port $(REVIEW_PORT)
+
+test-review: setup-dev
+	$(PY) -m pytest -q tests/review -m "not slow"
+
+test-labelstudio: setup-dev labelstudio-venv
+	$(PY) -m pytest -q tests/review/test_labelstudio.py
