@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from service.errors import BackendUnavailableError, DecodeError, FuscError
+from service.pacs.__main__ import main
 from service.pacs.frames import classify, frame_indices, majority
 from service.pacs.queue import JobQueue, spool_name
 from service.pacs.receiver import Receiver
@@ -273,3 +274,33 @@ def test_receiver_queues_ultrasound_ignores_the_rest_and_refuses_strangers(tmp_p
     finally:
         receiver.stop()
         queue.close()
+
+
+# --------------------------------------------------------------------------------------------- command
+def test_status_dead_and_requeue_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = settings(tmp_path)
+    queue = JobQueue(s.queue_path, s.spool_dir).open()
+    for uid in ("1.5.1", "1.5.2"):
+        queue.enqueue(uid, "1.2.840.10008.5.1.4.1.1.6.1", "cstore", b"x")
+    job = queue.claim()
+    assert job is not None
+    queue.retry(job, "pacs_unavailable", max_attempts=1, base_s=1, max_s=1)
+    queue.close()
+    monkeypatch.setenv("FUSC_PACS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FUSC_PACS_WRITEBACK", "")
+
+    assert main(["status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["jobs"] == {"queued": 1, "running": 0, "done": 0, "dead": 1} and "pending" not in status
+    assert main(["dead"]) == 0
+    (dead,) = json.loads(capsys.readouterr().out)["dead"]
+    assert dead["error_code"] == "pacs_unavailable" and "sop_instance_uid" not in dead
+    assert main(["dead", "--uids"]) == 0
+    assert json.loads(capsys.readouterr().out)["dead"][0]["sop_instance_uid"] == "1.5.1"
+    assert main(["requeue-dead"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued": 1}
+    monkeypatch.setenv("FUSC_PACS_WACTH", "x")
+    assert main(["status"]) == 2
+    assert "invalid_settings" in capsys.readouterr().err
