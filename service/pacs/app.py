@@ -112,7 +112,7 @@ class PacsApp:
     # ---------------------------------------------------------------------------------------- health
     def health(self) -> dict[str, Any]:
         checks = {
-            "queue": self.queue._lock_file is not None,
+            "queue": self.queue.owned,
             "model": self.pipeline is not None,
             "receiver": (self.receiver is not None and self.receiver.running) or not self.settings.receiver,
             "threads": bool(self.threads) and all(t.is_alive() for t in self.threads),

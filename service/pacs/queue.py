@@ -155,6 +155,11 @@ class JobQueue:
             self.recover()
         return self
 
+    @property
+    def owned(self) -> bool:
+        """True while this process holds the owner lock (``open(exclusive=True)``)."""
+        return self._lock_file is not None
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
