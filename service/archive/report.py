@@ -31,12 +31,12 @@ THUMB_SIDE = 128
 PER_SIDE = 6  # thumbnails per cluster and end (most / least confident)
 MAP_SIDE = 900
 
-# 20 colours that stay apart on white (Tableau 20, as RGB), cycled for K > 20.
+# 18 colours that stay apart on white (Tableau 20 without its two greys, as RGB), cycled for K > 18; the
+# out-of-distribution images are drawn as black crosses.
 _PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-    (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120),
-    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (199, 199, 199),
-    (219, 219, 141), (158, 218, 229),
+    (227, 119, 194), (188, 189, 34), (23, 190, 207), (174, 199, 232), (255, 187, 120), (152, 223, 138),
+    (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210), (219, 219, 141), (158, 218, 229),
 ]  # fmt: skip
 
 
@@ -151,9 +151,11 @@ def draw_map(t: pa.Table, path: Path) -> None:
         px = ((x - lo[0]) / span[0] * (MAP_SIDE - 40) + 20).round()
         py = ((y - lo[1]) / span[1] * (MAP_SIDE - 40) + 20).round()
         order = np.random.default_rng(0).permutation(np.flatnonzero(ok))  # no cluster drawn over the rest
-        for i in order:
-            r, g, b = colour(int(cl[i])) if not ood[i] else (150, 150, 150)
+        for i in order[~ood[order]]:
+            r, g, b = colour(int(cl[i]))
             cv2.circle(img, (int(px[i]), int(py[i])), 2, (b, g, r), -1, cv2.LINE_AA)
+        for i in order[ood[order]]:  # on top, so that they can be seen
+            cv2.drawMarker(img, (int(px[i]), int(py[i])), (0, 0, 0), cv2.MARKER_CROSS, 5, 1)
         for c in np.unique(cl[ok].astype(int)):
             sel = ok & (cl == c) & ~ood
             if sel.any():
@@ -209,8 +211,8 @@ def write_report(root: Path, *, model_repository: Path | None = None, spec: Sour
         f"{s['images_per_s']} images/s.</p>",
         "<p>Thumbnails are the cleaned frames the model saw (burnt-in text and markers inpainted); an image "
         "is named by its row in <code>results.parquet</code>, never by its file name.</p>",
-        f"<h2>2-D map ({e(s['map_method'])})</h2><p>Each dot an answered image, coloured by cluster; grey: "
-        "out of distribution.</p>"
+        f"<h2>2-D map ({e(s['map_method'])})</h2><p>Each dot an answered image, coloured by cluster; black "
+        "crosses: out of distribution.</p>"
         "<img src='map.png' width='600' height='600' alt='2-D map of the embeddings'>",
         "<h2>Clusters</h2><table><tr><th>cluster</th><th>view</th><th>images</th><th>share</th>"
         "<th>mean confidence</th><th>OOD share</th></tr>",

@@ -217,6 +217,9 @@ def _run_locked(spec: SourceSpec, opts: RunOptions, ledger: Ledger) -> store.Run
         if pending:
             for index, part in _engine(opts, cfg, ledger.chunks(plan, chunk_size, pending), session):
                 ledger.commit(index, part)
+                if not processed:  # workers started and models loaded: the rest is the steady rate
+                    session["first_part_s"] = round(time.perf_counter() - t0, 3)
+                    session["first_part_images"] = len(part)
                 processed += len(part)
                 bar.update(len(part))
     finally:
@@ -224,6 +227,9 @@ def _run_locked(spec: SourceSpec, opts: RunOptions, ledger: Ledger) -> store.Run
         seconds = time.perf_counter() - t0
         session.update(images=processed, seconds=round(seconds, 3))
         session["images_per_s"] = round(processed / seconds, 2) if seconds > 0 and processed else None
+        if processed and seconds > session.get("first_part_s", seconds):
+            steady = (processed - session["first_part_images"]) / (seconds - session["first_part_s"])
+            session["steady_images_per_s"] = round(steady, 2)
         manifest = store.read_manifest(out)
         if pending:
             manifest.extra.setdefault("sessions", []).append(session)
