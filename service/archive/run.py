@@ -237,11 +237,17 @@ def _run_locked(spec: SourceSpec, opts: RunOptions, ledger: Ledger) -> store.Run
     if len(ledger.done()) < n_chunks:
         say(f"stopped with {len(ledger.done())} of {n_chunks} chunks done; rerun to continue")
         return manifest
-    return finish(out, plan, chunk_size, card, opts, ledger)
+    return finish(out, plan, chunk_size, card, opts, ledger, spec)
 
 
 def finish(
-    out: Path, plan: pa.Table, chunk_size: int, card, opts: RunOptions, ledger: Ledger
+    out: Path,
+    plan: pa.Table,
+    chunk_size: int,
+    card,
+    opts: RunOptions,
+    ledger: Ledger,
+    spec: SourceSpec | None = None,
 ) -> store.RunManifest:
     say("consolidating …")
     emb_tmp = out / ("." + store.EMBEDDINGS + ".tmp")
@@ -280,5 +286,5 @@ def finish(
     if opts.report:
         from service.archive.report import write_report
 
-        write_report(out, model_repository=Path(opts.model_repository))
+        write_report(out, model_repository=Path(opts.model_repository), spec=spec)
     return manifest
