@@ -114,6 +114,28 @@ def dicom_identity(data: bytes) -> tuple[str | None, str | None]:
     return None, sop
 
 
+WORKER_CRASHED = "worker_crashed"  # the image killed the process reading it, twice (service.archive.engines)
+
+
+def crashed_table(cfg: WorkerConfig, rows: list[dict]) -> pa.Table:
+    """Rows recorded as ``worker_crashed``, made without a pipeline (the process that had one is gone)."""
+    from service.card import load_card
+
+    card = load_card(Path(cfg.model_repository), verify=False)
+    schema = part_schema(card.embedding_dim)
+    n = len(rows)
+    columns = {name: pa.nulls(n, schema.field(name).type) for name in schema.names}
+    columns.update(
+        key=pa.array([r["key"] for r in rows], pa.string()),
+        source=pa.array([r["source"] for r in rows], pa.string()),
+        sop_instance_uid=pa.array([r.get("sop_instance_uid") for r in rows], pa.string()),
+        subject_key=pa.array([r.get("subject_key") for r in rows], pa.string()),
+        model_version=pa.array([card.version] * n, pa.string()),
+        error_code=pa.array([WORKER_CRASHED] * n, pa.string()),
+    )
+    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+
+
 class ChunkWorker:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg

@@ -120,3 +120,47 @@ def test_sigkill_at_half_way_then_rerun_gives_every_image_once(
     for column in ("key", "cluster", "error_code", "top_clusters", "embedding_row", "sop_instance_uid"):
         assert run.table.column(column).equals(reference.table.column(column)), column
     np.testing.assert_allclose(run.embeddings, reference.embeddings, atol=1e-6)
+
+
+def _children(pid: int) -> list[int]:
+    """The pool's worker processes of ``pid`` (its children running multiprocessing's spawn_main)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return out
+
+
+def test_a_worker_killed_mid_run_costs_nothing(big_archive: Path, tiny_repo: Path, tmp_path: Path) -> None:
+    """The OOM killer (or a decoder crash) takes one pool worker: the run redoes the chunks that were in the
+    pool, image by image, and finishes with every image answered once."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    proc = start(archive_command(big_archive, out, tiny_repo), log)
+    ledger = Ledger(out)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while len(ledger.done()) < 3 or not _children(proc.pid):
+            assert proc.poll() is None, f"the run ended too soon:\n{log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "the run did not start in time"
+            time.sleep(0.005)
+        os.kill(_children(proc.pid)[0], signal.SIGKILL)
+        assert proc.wait(timeout=TIMEOUT_S) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert "a worker process died" in log.read_text()
+    run = store.load_run(out)
+    assert (
+        run.table.column("key").to_pylist()
+        == list_folder(resolve(str(big_archive))).table.column("key").to_pylist()
+    )
+    codes = [c for c in run.table.column("error_code").to_pylist() if c]
+    assert sorted(codes) == ["empty_input", "truncated_image", "unsupported_format"]  # the archive's own
