@@ -262,7 +262,8 @@ def list_dicomweb(spec: SourceSpec, hasher: SubjectHasher) -> Listing:
                     continue
                 patient = _value(item, _PATIENT_ID)
                 subject = hasher.hash(f"PatientID={patient}") if patient else None
-                rows[key] = (f"studies/{study}/series/{series}/instances/{sop}", sop, subject)
+                # A full URL (never with credentials): readers that only read local files can tell.
+                rows[key] = (f"{spec.root}/studies/{study}/series/{series}/instances/{sop}", sop, subject)
     ordered = sorted(rows)
     table = pa.table(
         {

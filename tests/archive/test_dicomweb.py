@@ -84,7 +84,7 @@ def test_a_dicomweb_source_answers_as_the_same_files_on_disk(
     assert set(web_rows) == set(disk_rows) and len(web_rows) == len(files)
     for sop, row in web_rows.items():
         assert row["key"] == f"sop:{sop}" and row["error_code"] is None
-        assert row["source"].startswith("studies/") and row["source"].endswith(f"/instances/{sop}")
+        assert row["source"].startswith(f"{url}/studies/") and row["source"].endswith(f"/instances/{sop}")
         assert row["cluster"] == disk_rows[sop]["cluster"]
         assert row["confidence"] == pytest.approx(disk_rows[sop]["confidence"], abs=1e-6)
         # The subject key from QIDO's PatientID equals the one from the file's own header.
