@@ -137,3 +137,9 @@ test-review: setup-dev
 
 test-labelstudio: setup-dev labelstudio-venv
 	$(PY) -m pytest -q tests/review/test_labelstudio.py
+
+# ------------------------------------------------------------------------------------------------ PACS
+# The PACS worker: C-STORE receiver, DICOMweb watcher, write-back (settings FUSC_PACS_*, docs/pacs.md).
+.PHONY: pacs
+pacs: setup
+	$(PY) -m service.pacs run

@@ -192,6 +192,7 @@ def test_kubernetes_config_passes_promtool_check(tmp_path: Path) -> None:
             assert sd["namespaces"] == {"names": ["fusc"]}
         job["static_configs"] = [{"targets": ["127.0.0.1:3000"]}]
     (tmp_path / "rules.yml").write_text(RULES.read_text())
+    (tmp_path / "pacs-rules.yml").write_text((PROMETHEUS_DIR / "pacs-rules.yml").read_text())
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     result = run_promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
