@@ -42,3 +42,9 @@ class RunLockedError(ArchiveError):
 
 class SubjectKeyError(ArchiveError):
     code = "subject_key_invalid"
+
+
+class EngineUnavailableError(ArchiveError):
+    """The engine cannot start: Ray not installed, or no cluster at the address."""
+
+    code = "engine_unavailable"

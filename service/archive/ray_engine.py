@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 
+from service.archive.errors import EngineUnavailableError
 from service.archive.ledger import Chunk
 from service.archive.worker import ChunkWorker, WorkerConfig, limit_threads
 
@@ -84,13 +86,33 @@ def run_ray(
     stats: dict | None = None,
 ) -> Iterator[tuple[int, pa.Table]]:
     """Chunks on the cluster's actors; ``stats`` (when given) gets the actors and the chunks per node."""
-    import ray
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise EngineUnavailableError("the Ray engine needs the ray extra: pip install -e '.[ray]'") from exc
 
     kwargs: dict = {"address": address or "auto", "log_to_driver": False, "configure_logging": False}
     node_ip = node_ip or _loopback_host(address)
     if node_ip:
         kwargs["_node_ip_address"] = node_ip
-    ray.init(**kwargs)
+    if address and address != "auto":
+        # ray.init waits minutes for a cluster that is not there; a plain connect answers at once.
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise EngineUnavailableError(
+                f"no Ray cluster answers at {address} ({type(exc).__name__}); start one with "
+                "ray start --head (docs/archive.md)"
+            ) from exc
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise EngineUnavailableError(
+            f"no Ray cluster answered at {address or 'auto'} ({type(exc).__name__}: {exc}); start one with "
+            "ray start --head (docs/archive.md), with the same RAY_AUTH_TOKEN"
+        ) from exc
     try:
         items = [{"chunk": c.index, "rows": json.dumps(c.rows)} for c in chunks]
         if not items:

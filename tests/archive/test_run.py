@@ -214,3 +214,21 @@ def test_a_vanished_file_is_source_unreadable(archive: Path, tiny_repo: Path, tm
     run_archive(str(listing), opts(tmp_path / "r", tiny_repo, report=False))
     codes = store.load_run(tmp_path / "r").table.column("error_code").to_pylist()
     assert sorted(codes, key=str) == [None, "source_unreadable"]
+
+
+def test_ray_without_a_cluster_says_so_at_once(archive: Path, tiny_repo: Path, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from service.archive.errors import EngineUnavailableError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        address = f"127.0.0.2:{s.getsockname()[1]}"
+    t0 = time.monotonic()
+    with pytest.raises(EngineUnavailableError):
+        run_archive(str(archive), opts(tmp_path / "r", tiny_repo, engine="ray", ray_address=address))
+    assert time.monotonic() - t0 < 30
+    assert (
+        store.read_manifest(tmp_path / "r").status == "running"
+    )  # planned: a rerun with a cluster continues
