@@ -163,7 +163,6 @@ def _run_locked(spec: SourceSpec, opts: RunOptions, ledger: Ledger) -> store.Run
     repo = Path(opts.model_repository)
     card = load_card(repo, verify=True)
     card_sha = sha256_file(repo / CARD_FILENAME)
-    hasher = subject_hasher(out, opts.subject_key_file)
     manifest: store.RunManifest | None = None
     if (out / store.MANIFEST).is_file():
         manifest = store.read_manifest(out)
@@ -171,6 +170,8 @@ def _run_locked(spec: SourceSpec, opts: RunOptions, ledger: Ledger) -> store.Run
             ledger.remove_parts()
             say(f"the run in {out} is complete ({manifest.counts}); nothing to do")
             return manifest
+    hasher = subject_hasher(out, opts.subject_key_file)
+    if manifest is not None:
         _check_resume(manifest, spec, card_sha, hasher, opts)
     if manifest is None or not ledger.has_plan():
         say(f"subject keys: HMAC-SHA-256 with {hasher.origin}")
