@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,7 @@ class ChunkWorker:
             except BackendUnavailableError:
                 if attempt == BACKEND_RETRIES - 1:
                     raise
+                time.sleep(2.0**attempt)  # 1 s, 2 s: a restarting server gets a moment
         raise AssertionError("not reached")
 
     def _infer(self, batch: np.ndarray) -> Inference:
