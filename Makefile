@@ -19,7 +19,7 @@ $(VENV)/.setup-service: pyproject.toml
 # Training and tests: torch is pinned and installed first so that nothing resolves a CUDA build.
 $(VENV)/.setup-dev: pyproject.toml $(VENV)/.setup-service
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e ".[train,dev,ray]"
+	$(PIP) install -q -e ".[train,dev,ray,archive]"
 	touch $@
 
 setup: $(VENV)/.setup-service
@@ -143,3 +143,9 @@ test-labelstudio: setup-dev labelstudio-venv
 .PHONY: pacs
 pacs: setup
 	$(PY) -m service.pacs run
+
+# ---------------------------------------------------------------------------------------------- Archive
+# The archive's Ray engine against a real local cluster (head + worker on loopback, about 50 s).
+.PHONY: test-ray
+test-ray: setup-dev
+	$(PY) -m pytest -q -m slow tests/archive/test_ray.py
