@@ -94,6 +94,34 @@ def _triton_rows(r: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _pacs_archive_rows(r: dict[str, Any]) -> list[str]:
+    rows = []
+    p = r.get("pacs")
+    if p:
+        rows.append(
+            _row(
+                "PACS path, C-STORE to written-back result (Orthanc metadata + SR)",
+                _f(p["end_to_end_instances_per_s"]),
+                f"{p['instances']} instances (single- and multi-frame, JPEG); receiver acknowledged "
+                f"{_f(p['cstore_acknowledged_per_s'])}/s; p50 {_f(p['latency_s']['p50'], 2)} s from receipt "
+                f"to done; {_f(p['ratio_pacs_to_bare_pipeline'], 2)} of the bare pipeline on the same bytes "
+                f"({_f(p['bare_pipeline_instances_per_s'])}/s); Orthanc and the sender on the same cores",
+            )
+        )
+    a = r.get("archive")
+    if a:
+        for key, what in (("single_process", "one process"), ("pool", f"pool of {a['workers']}")):
+            rows.append(
+                _row(
+                    f"archive run, {what} (steady rate)",
+                    _f(a[f"{key}_steady_images_per_s"]),
+                    f"{a['images']['total']} images (phantoms, real, DICOM, corrupt); "
+                    f"{_f(a[f'{key}_images_per_s'])}/s counting start-up",
+                )
+            )
+    return rows
+
+
 def write_report(r: dict[str, Any], path: Path, card: ModelCard) -> Path:
     m, s = r["machine"], r["summary"]
     load = m.get("load_average") or [None]
@@ -137,6 +165,7 @@ def write_report(r: dict[str, Any], path: Path, card: ModelCard) -> Path:
         "service_over_eager": "service over HTTP ÷ per-image PyTorch eager pipeline",
         "http_over_single_core_decode_clean": "HTTP end to end ÷ decode + clean on one core",
         "int8_cluster_agreement": "int8 cluster ids = fp32 cluster ids",
+        "archive_pool_over_single": "archive run: process pool ÷ one process (steady rate)",
     }
     for key, t in s["targets"].items():
         unit = "" if key == "int8_cluster_agreement" else "×"
@@ -187,7 +216,7 @@ def write_report(r: dict[str, Any], path: Path, card: ModelCard) -> Path:
                 f"{_f(same['cluster_agreement'] * 100)} % equal",
             )
         )
-    lines += _model_rows(r) + _http_rows(r) + _triton_rows(r)
+    lines += _model_rows(r) + _http_rows(r) + _triton_rows(r) + _pacs_archive_rows(r)
     ach = s["achieved_gflop_per_s"]
     frac = s["fraction_of_fp32_gemm"]
     lines += [

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import threading
 import time
 from datetime import datetime, timezone
@@ -42,6 +43,7 @@ TARGETS = {
     "service_over_eager": 5.0,
     "http_over_single_core_decode_clean": 1.6,
     "int8_cluster_agreement": 0.99,
+    "archive_pool_over_single": 1.7,
 }
 
 
@@ -268,6 +270,10 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
         "fraction_of_fp32_gemm": {k: round(v / gemm, 3) for k, v in achieved.items()},
         "preprocess_share_service": round(pre_ms / (pre_ms + model_ms), 3) if model_ms else None,
         "preprocess_share_eager": eager.get("preprocess_share"),
+        "pacs_instances_per_s": r.get("pacs", {}).get("end_to_end_instances_per_s"),
+        "archive_pool_images_per_s": r.get("archive", {}).get("pool_steady_images_per_s"),
+        "archive_single_process_images_per_s": r.get("archive", {}).get("single_process_steady_images_per_s"),
+        "archive_pool_over_single": r.get("archive", {}).get("pool_over_single"),
     }
     s["targets"] = {
         name: {"target": t, "measured": s[name], "met": None if s[name] is None else bool(s[name] >= t)}
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--skip-triton", action="store_true")
+    ap.add_argument("--skip-pacs", action="store_true", help="the PACS path (needs Debian's Orthanc)")
+    ap.add_argument("--skip-archive", action="store_true", help="archive runs: pool against one process")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -359,6 +367,26 @@ def main(argv: list[str] | None = None) -> int:
         result["triton"] = bench_triton(repo, x, files, seconds=4.0)
         if "skipped" in result["triton"]:
             result["skipped"].append(f"triton: {result['triton']['skipped']}")
+
+    # 6. The PACS path: C-STORE to written-back result, against a real Orthanc (its own JSON as well)
+    if args.skip_pacs:
+        result["skipped"].append("pacs: --skip-pacs")
+    elif shutil.which("Orthanc") is None:
+        result["skipped"].append("pacs: no Orthanc on this machine (Debian package orthanc)")
+    else:
+        from benchmarks import pacs
+
+        result["pacs"] = pacs.main([])
+        print(f"pacs: {result['pacs'].get('end_to_end_instances_per_s')} instances/s", flush=True)
+
+    # 7. Archive runs: the process pool against one process, same images, alternating repeats
+    if args.skip_archive:
+        result["skipped"].append("archive: --skip-archive")
+    else:
+        from benchmarks import archive
+
+        result["archive"] = archive.main(["--images", "1000", "--repeats", "2"])
+        print(f"archive: pool / single {result['archive'].get('pool_over_single')}", flush=True)
 
     result["summary"] = summarize(result)
     result["machine"]["load_average_end"] = core.machine()["load_average"]
