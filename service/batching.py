@@ -9,7 +9,8 @@ Three parts, one per stage a request goes through:
   :class:`~service.errors.OverloadedError` (503 with Retry-After): memory and waiting time stay bounded,
   whatever the offered load.
 * :class:`Preprocessor` decodes and cleans on a thread pool (OpenCV and the codecs release the GIL), one
-  image per thread at a time, so at most ``threads`` full-size frames exist at once.
+  image per thread at a time, so at most ``threads`` full-size frames exist at once;
+  :class:`ProcessPreprocessor` does the same in worker processes, which share no GIL with the server.
 * :class:`Batcher` queues prepared tensors (bounded in images) and forms model batches: up to
   ``max_batch`` images, holding the first at most ``max_wait`` for more, and not at all when no other
   image is on its way (latency-aware: under light load a request never waits for company that is not
@@ -25,18 +26,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
 
 from service import metrics
-from service.errors import FuscError, OverloadedError
-from service.pipeline import Inference, Pipeline, Prepared
+from service.clean import CleanConfig
+from service.errors import DecodeError, FuscError, OverloadedError
+from service.pipeline import Inference, Pipeline, Prepared, observe_prepared, prepare_image
 from service.settings import Settings
 
 logger = logging.getLogger("fusc.service")
@@ -192,6 +196,99 @@ class Preprocessor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+# In a worker process of ProcessPreprocessor: what prepare_image needs besides the bytes.
+_WORKER_ARGS: tuple[CleanConfig, int, int, tuple[int, int, int]] | None = None
+
+
+def _worker_init(cfg_json: str, max_bytes: int, max_pixels: int, input_shape: tuple[int, int, int]) -> None:
+    global _WORKER_ARGS
+    from service.pipeline import limit_blas_threads
+
+    limit_blas_threads()
+    _WORKER_ARGS = (CleanConfig.model_validate_json(cfg_json), max_bytes, max_pixels, input_shape)
+
+
+def _worker_prepare(data: bytes) -> Prepared | FuscError:
+    assert _WORKER_ARGS is not None, "worker process not initialised"
+    try:
+        return prepare_image(data, *_WORKER_ARGS)
+    except FuscError as exc:
+        exc.__cause__ = exc.__context__ = None  # a decoder's own exception may not pickle
+        return exc
+
+
+def _worker_ready() -> int:
+    return 0
+
+
+class ProcessPreprocessor(Preprocessor):
+    """decode + clean in ``workers`` worker processes (FUSC_PREPROCESS_MODE=processes).
+
+    The HTTP server's process keeps its GIL for HTTP, batching and the model; the workers hold none of it.
+    The bytes go to a worker and a (1,S,S) tensor comes back; a worker process holds one image at a time,
+    as a thread does. A worker that dies (a decoder crashing on crafted bytes, the kernel's OOM killer) takes
+    only its process: the pool is rebuilt and the images it held are tried once more in the new one; an
+    image that kills a worker twice is answered ``corrupt_image``.
+    """
+
+    def __init__(self, pipeline: Pipeline, workers: int) -> None:
+        self._args = (
+            pipeline.card.preprocess.model_dump_json(),
+            pipeline.max_bytes,
+            pipeline.max_pixels,
+            pipeline.input_shape,
+        )
+        self.threads = workers
+        self.pending = 0
+        self.seconds_per_image = _Average()
+        self._generation = 0
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the server process runs threads (the event loop's, ONNX Runtime's).
+        pool = ProcessPoolExecutor(
+            self.threads,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=self._args,
+        )
+        for _ in range(self.threads):
+            pool.submit(_worker_ready)  # start the workers now, not in the first request
+        return pool
+
+    async def _submit(self, data: bytes) -> Prepared | FuscError:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        try:
+            out = await asyncio.wrap_future(self._pool.submit(_worker_prepare, data), loop=loop)
+        finally:
+            self.seconds_per_image.add(time.perf_counter() - t0)
+        return out
+
+    async def run(self, data: bytes) -> Prepared | FuscError:
+        self.pending += 1
+        try:
+            for attempt in range(2):
+                generation = self._generation
+                try:
+                    out = await self._submit(data)
+                except BrokenProcessPool:
+                    if generation == self._generation:  # the first to notice rebuilds the pool
+                        logger.warning("a preprocessing worker process died; starting a new pool")
+                        self._pool.shutdown(wait=False, cancel_futures=True)
+                        self._generation += 1
+                        self._pool = self._new_pool()
+                    if attempt == 0:
+                        continue
+                    return DecodeError("the image could not be decoded: it stopped the decoder twice")
+                if isinstance(out, Prepared):
+                    observe_prepared(out)
+                return out
+            raise AssertionError("unreachable")
+        finally:
+            self.pending -= 1
 
 
 # --------------------------------------------------------------------------------------------- batcher
@@ -352,7 +449,11 @@ class Scheduler:
     def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
         self.pipeline = pipeline
         self.settings = settings
-        self.preprocessor = Preprocessor(pipeline.prepare, settings.preprocess_workers)
+        self.preprocessor: Preprocessor = (
+            ProcessPreprocessor(pipeline, settings.preprocess_workers)
+            if settings.preprocess_mode == "processes"
+            else Preprocessor(pipeline.prepare, settings.preprocess_workers)
+        )
         self.batcher: Batcher[Inference] = Batcher(
             pipeline.infer,
             Inference.rows,

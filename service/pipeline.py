@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 from service import metrics
 from service.backends import Backend, make_backend
 from service.card import ModelCard, load_card
-from service.clean import preprocess
+from service.clean import CleanConfig, preprocess
 from service.decode import decode_image
 from service.drift import ClusterMix
 from service.errors import DecodeError, EmptyInputError, FuscError, ImageTooLargeError, ModelRepositoryError
@@ -166,6 +166,47 @@ def load_ood_bank(repository: Path, card: ModelCard) -> np.ndarray | None:
     return bank
 
 
+def prepare_image(
+    data: bytes, cfg: CleanConfig, max_bytes: int, max_pixels: int, input_shape: tuple[int, int, int]
+) -> Prepared:
+    """decode + clean one image, with no state but its arguments (so that a worker process can run it);
+    raises a FuscError that belongs to this image only. Records no metrics: see ``observe_prepared``."""
+    if not data:
+        raise EmptyInputError("the upload is empty: send the image bytes")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"the upload is larger than the limit of {max_bytes} bytes")
+    t0 = time.perf_counter()
+    try:
+        frame = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+    except FuscError:
+        raise
+    except Exception as exc:
+        # Crafted bytes can trip a decoder in ways it does not classify; that is still the input's fault.
+        # Only the exception type is logged: a decoder's message may quote header fields.
+        logger.warning("decoder raised %s; answering corrupt_image", type(exc).__name__)
+        raise DecodeError("the image could not be decoded; it may be corrupt or truncated") from exc
+    t1 = time.perf_counter()
+    try:
+        tensor = preprocess(frame, cfg)
+    except FuscError:
+        raise
+    except Exception as exc:
+        logger.warning("preprocess raised %s; answering preprocess_failed", type(exc).__name__)
+        raise PreprocessError("the image decoded but could not be prepared for the model") from exc
+    del frame
+    t2 = time.perf_counter()
+    tensor = np.asarray(tensor, dtype=np.float32)
+    if tensor.shape != input_shape:
+        raise PreprocessError(f"preprocessing gave shape {tensor.shape}, the model needs {input_shape}")
+    return Prepared(tensor=tensor, decode_ms=_ms(t1 - t0), clean_ms=_ms(t2 - t1))
+
+
+def observe_prepared(prepared: Prepared) -> None:
+    """The stage latencies of one prepared image, in this process's metrics."""
+    metrics.observe_stage("decode", prepared.decode_ms / 1000.0)
+    metrics.observe_stage("clean", prepared.clean_ms / 1000.0)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -221,37 +262,11 @@ class Pipeline:
     # the service), so that prepare() and infer() can be chained by either without counting twice.
     def prepare(self, data: bytes) -> Prepared:
         """decode + clean one image; raises a FuscError that belongs to this image only."""
-        if not data:
-            raise EmptyInputError("the upload is empty: send the image bytes")
-        if len(data) > self.max_bytes:
-            raise ImageTooLargeError(f"the upload is larger than the limit of {self.max_bytes} bytes")
-        t0 = time.perf_counter()
-        try:
-            frame = decode_image(data, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-        except FuscError:
-            raise
-        except Exception as exc:
-            # Crafted bytes can trip a decoder in ways it does not classify; that is still the input's fault.
-            # Only the exception type is logged: a decoder's message may quote header fields.
-            logger.warning("decoder raised %s; answering corrupt_image", type(exc).__name__)
-            raise DecodeError("the image could not be decoded; it may be corrupt or truncated") from exc
-        t1 = time.perf_counter()
-        try:
-            tensor = preprocess(frame, self.card.preprocess)
-        except FuscError:
-            raise
-        except Exception as exc:
-            logger.warning("preprocess raised %s; answering preprocess_failed", type(exc).__name__)
-            raise PreprocessError("the image decoded but could not be prepared for the model") from exc
-        t2 = time.perf_counter()
-        tensor = np.asarray(tensor, dtype=np.float32)
-        if tensor.shape != self.input_shape:
-            raise PreprocessError(
-                f"preprocessing gave shape {tensor.shape}, the model needs {self.input_shape}"
-            )
-        metrics.observe_stage("decode", t1 - t0)
-        metrics.observe_stage("clean", t2 - t1)
-        return Prepared(tensor=tensor, decode_ms=_ms(t1 - t0), clean_ms=_ms(t2 - t1))
+        prepared = prepare_image(
+            data, self.card.preprocess, self.max_bytes, self.max_pixels, self.input_shape
+        )
+        observe_prepared(prepared)
+        return prepared
 
     def infer(self, x: np.ndarray) -> Inference:
         """embed + assign one batch [N,1,S,S]. A backend that cannot answer raises BackendUnavailableError

@@ -81,7 +81,11 @@ class Settings(BaseModel):
     # Images whose predicted time to an answer exceeds this are refused (503 overloaded), not queued.
     batch_max_latency_ms: int = Field(default=5000, gt=0)
     # Threads that decode and clean (OpenCV releases the GIL). 0: one per core available to the process.
+    # With preprocess_mode "processes", the number of worker processes instead.
     preprocess_threads: int = Field(default=0, ge=0)
+    # "threads": decode + clean on threads of the server's process; "processes": in worker processes, which
+    # share no GIL with HTTP and batching (faster on several cores; a crashing decoder takes only its worker).
+    preprocess_mode: Literal["threads", "processes"] = "threads"
     # ONNX Runtime intra-op threads. 0: half the available cores (at least one), so that a model batch
     # and the preprocessing threads together do not ask for much more than the cores there are.
     ort_intra_op_threads: int = Field(default=0, ge=0)
@@ -156,7 +160,7 @@ class Settings(BaseModel):
                 name = key[len(ENV_PREFIX) :].lower()
                 if name in cls.model_fields:
                     values[name] = value
-        for name in ("log_level", "adaptive_batching", "precision"):
+        for name in ("log_level", "adaptive_batching", "precision", "preprocess_mode"):
             if name in values:
                 values[name] = values[name].upper() if name == "log_level" else values[name].lower()
         try:

@@ -249,3 +249,41 @@ def test_docs_and_openapi_from_the_real_server(server: Server) -> None:
     assert r.status_code == 200
     r = httpx.post(f"{server.url}/v1/embed", files={"image": ("u", phantom_image("femur", 4), "image/png")})
     assert r.status_code == 200 and abs(np.linalg.norm(r.json()["embedding"]) - 1.0) < 1e-5
+
+
+def test_worker_processes_answer_exactly_and_survive_a_killed_worker(tmp_path: Path) -> None:
+    """FUSC_PREPROCESS_MODE=processes: decode + clean in worker processes of the real server; the answers
+    are the ones onnxruntime gives, and a worker killed by the kernel costs no answer and no restart."""
+    import psutil
+
+    repo = build_tiny_repository(tmp_path / "repo")
+    images = [png_bytes(synthetic_frame(s, 480, 640)) for s in range(4)]
+    refs = [reference_probs(repo, d) for d in images]
+    env = {"FUSC_PREPROCESS_MODE": "processes", "FUSC_PREPROCESS_THREADS": "2"}
+    servers = start_server(repo, tmp_path, env)
+    server = next(servers)
+    try:
+
+        def check_all() -> None:
+            for data, ref in zip(images, refs, strict=True):
+                r = post_image(server, data)
+                assert r.status_code == 200, r.text
+                assert r.json()["cluster"] == int(np.argmax(ref))
+                assert abs(r.json()["confidence"] - float(ref.max())) <= 1e-5
+
+        check_all()
+        workers = []  # this server's worker processes: spawned children that carry its environment
+        for p in psutil.process_iter():
+            try:
+                if "multiprocessing.spawn" in " ".join(p.cmdline()) and p.environ().get(
+                    "FUSC_MODEL_REPOSITORY"
+                ) == str(repo):
+                    workers.append(p)
+            except psutil.Error:
+                continue
+        assert len(workers) >= 2, [p.cmdline() for p in workers]
+        workers[0].kill()
+        check_all()
+        assert httpx.get(f"{server.url}/readyz", timeout=TIMEOUT).status_code == 200
+    finally:
+        servers.close()
