@@ -32,12 +32,30 @@ run: setup
 test: setup-dev
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: setup-dev
+test-all: setup-dev labelstudio-venv
 	$(PY) -m pytest -q
+
+# The suites marked slow (Label Studio, a Ray cluster, the 200-instance PACS runs, training, memory), all
+# but the load run (about 9 minutes on its own: `make test-load`). CI runs this after `make test`.
+.PHONY: test-slow test-load
+test-slow: setup-dev labelstudio-venv
+	$(PY) -m pytest -q -m slow --deselect tests/integration/test_load.py
+
+test-load: setup-dev
+	$(PY) -m pytest -q -m slow tests/integration/test_load.py
 
 # Every ratio in one run (about 5 minutes on 2 cores): benchmarks/results/bench.json and docs/benchmarks.md.
 bench: setup-dev
 	$(PY) -m benchmarks.run
+
+# Capacity, 80 % of it and five minutes at twice it (about 9 minutes): benchmarks/results/load.json.
+# Peak memory under 32 concurrent 49 MB uploads: benchmarks/results/memory.json.
+.PHONY: bench-load bench-memory
+bench-load: setup-dev
+	$(PY) -m benchmarks.load --repository bundled
+
+bench-memory: setup-dev
+	$(PY) -m benchmarks.memory
 
 # The int8 backbone beside the fp32 one (model_repository/fusc_backbone_int8, listed in the card): static
 # QDQ, calibrated on real + phantom images through the service's decode + clean (phantoms only without

@@ -38,3 +38,24 @@ def test_archive_figures_match_the_committed_run() -> None:
     text = block("archive-figures")
     assert f"covers {summary['counts']['items']:,} images" in text
     assert f"{summary['counts']['errors']} corrupt" in text
+
+
+def test_load_and_memory_figures_match_the_committed_benchmarks() -> None:
+    load = json.loads((ROOT / "benchmarks" / "results" / "load.json").read_text())
+    memory = json.loads((ROOT / "benchmarks" / "results" / "memory.json").read_text())
+    text = block("load-figures")
+    rss = memory["rss_mib"]
+    ok = memory["wave"]["statuses"].get("200", 0) + memory["steady"]["statuses"].get("200", 0)
+    shed = memory["wave"]["statuses"].get("503", 0) + memory["steady"]["statuses"].get("503", 0)
+    assert f"peaked at {rss['peak_overall']} MiB" in text
+    assert f"(limit {rss['limit']:g} MiB; {ok} answered 200, {shed} shed with 503" in text
+    assert memory["pass"] and rss["peak_overall"] <= rss["limit"]
+    cap, at80, at2 = load["capacity"], load["at_80_percent"], load["at_2x"]
+    assert f"Capacity {cap['images_per_s']} images/s" in text
+    assert f"(concurrency {cap['concurrency']})" in text
+    assert f"({at2['answered_200_per_s']} images/s, p99 {at2['p99_ms']} ms) and 503" in text
+    assert at2["only_200_or_503"] and set(at2["statuses"]) <= {"200", "503"}
+    assert f"resident memory +{at2['rss_growth'] * 100:.1f} %" in text
+    ratio = f"p99 was {at80['p99_over_p50']:.1f}x p50 ({at80['p99_ms']} vs {at80['p50_ms']} ms)"
+    assert ratio in text
+    assert ("not met" in text) == (at80["p99_over_p50"] > 3.0)
