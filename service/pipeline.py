@@ -167,17 +167,23 @@ def load_ood_bank(repository: Path, card: ModelCard) -> np.ndarray | None:
 
 
 def prepare_image(
-    data: bytes, cfg: CleanConfig, max_bytes: int, max_pixels: int, input_shape: tuple[int, int, int]
+    data: bytes,
+    cfg: CleanConfig,
+    max_bytes: int,
+    max_pixels: int,
+    input_shape: tuple[int, int, int],
+    frame_index: int | None = None,
 ) -> Prepared:
-    """decode + clean one image, with no state but its arguments (so that a worker process can run it);
-    raises a FuscError that belongs to this image only. Records no metrics: see ``observe_prepared``."""
+    """decode + clean one image (``frame_index``: one frame of a multi-frame DICOM, else the first), with no
+    state but its arguments (so that a worker process can run it); raises a FuscError that belongs to this
+    image only. Records no metrics: see ``observe_prepared``."""
     if not data:
         raise EmptyInputError("the upload is empty: send the image bytes")
     if len(data) > max_bytes:
         raise ImageTooLargeError(f"the upload is larger than the limit of {max_bytes} bytes")
     t0 = time.perf_counter()
     try:
-        frame = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes)
+        frame = decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, frame=frame_index)
     except FuscError:
         raise
     except Exception as exc:

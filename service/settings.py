@@ -10,13 +10,14 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.errors import FuscError
 
 ENV_PREFIX = "FUSC_"
+M = TypeVar("M", bound=BaseModel)
 # The bundled repository sits at the repository root, beside the ``service`` package.
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -41,6 +42,18 @@ class SettingsError(FuscError):
 
     code = "invalid_settings"
     http_status = 500
+
+
+def validate_settings(model: type[M], values: Mapping[str, str], prefix: str, what: str) -> M:
+    """``model`` from environment values; a SettingsError that names each bad variable (never its value)."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{prefix}{'.'.join(str(p) for p in e['loc']).upper() or '*'}: {e['msg']}"
+            for e in exc.errors(include_input=False)
+        )
+        raise SettingsError(f"invalid {what}: {problems}") from exc
 
 
 class Settings(BaseModel):
@@ -163,11 +176,4 @@ class Settings(BaseModel):
         for name in ("log_level", "adaptive_batching", "precision", "preprocess_mode"):
             if name in values:
                 values[name] = values[name].upper() if name == "log_level" else values[name].lower()
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper() or '*'}: {e['msg']}"
-                for e in exc.errors(include_input=False)
-            )
-            raise SettingsError(f"invalid service settings: {problems}") from exc
+        return validate_settings(cls, values, ENV_PREFIX, "service settings")

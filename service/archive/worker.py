@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from service.archive.errors import SourceReadError
 from service.archive.sources import Reader, SourceSpec
+from service.archive.store import RESULT_SCHEMA
 from service.archive.subjects import SubjectHasher
 from service.decode import sniff_format
 from service.errors import BackendUnavailableError, FuscError, ModelFailedError
@@ -35,26 +36,15 @@ BACKEND_RETRIES = 3
 MODEL_BATCH = Settings().batch_max_size
 
 
+# Result columns written when a run is finished, not by a worker.
+FILLED_AT_FINISH = {"embedding_row", "map_x", "map_y"}
+
+
 def part_schema(dim: int) -> pa.Schema:
-    """A chunk's rows: the result columns the worker knows, and the embedding (null for an error)."""
-    return pa.schema(
-        [
-            pa.field("key", pa.string(), nullable=False),
-            pa.field("source", pa.string(), nullable=False),
-            pa.field("sop_instance_uid", pa.string()),
-            pa.field("subject_key", pa.string()),
-            pa.field("cluster", pa.int32()),
-            pa.field("confidence", pa.float32()),
-            pa.field("top_clusters", pa.list_(pa.int32())),
-            pa.field("top_probs", pa.list_(pa.float32())),
-            pa.field("view", pa.string()),
-            pa.field("ood", pa.bool_()),
-            pa.field("ood_score", pa.float32()),
-            pa.field("model_version", pa.string(), nullable=False),
-            pa.field("error_code", pa.string()),
-            pa.field("embedding", pa.list_(pa.float32(), dim)),
-        ]
-    )
+    """A chunk's rows: the result columns the worker knows (the run's schema less what is added when the run
+    is finished: the embedding's row and the 2-D map), and the embedding (null for an error)."""
+    known = [f for f in RESULT_SCHEMA if f.name not in FILLED_AT_FINISH]
+    return pa.schema([*known, pa.field("embedding", pa.list_(pa.float32(), dim))])
 
 
 @dataclass(frozen=True)

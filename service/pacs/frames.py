@@ -10,18 +10,12 @@
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import numpy as np
 
-from service.clean import preprocess
-from service.decode import decode_image
-from service.errors import DecodeError, FuscError
-from service.pipeline import ClusterResult, Pipeline, Prepared, PreprocessError
-
-logger = logging.getLogger("fusc.pacs")
+from service.errors import FuscError
+from service.pipeline import ClusterResult, Pipeline, Prepared, prepare_image
 
 
 def frame_indices(n_frames: int, policy: str, step: int, limit: int) -> list[int]:
@@ -50,28 +44,14 @@ def majority(probs: np.ndarray) -> tuple[int, int, dict[int, int]]:
 
 def _prepare_frame(pipeline: Pipeline, data: bytes, index: int) -> Prepared:
     """``Pipeline.prepare`` for one chosen frame (the same decode and clean, the same error codes)."""
-    t0 = time.perf_counter()
-    try:
-        frame = decode_image(data, max_pixels=pipeline.max_pixels, max_bytes=pipeline.max_bytes, frame=index)
-    except FuscError:
-        raise
-    except Exception as exc:
-        logger.warning("decoder raised %s; answering corrupt_image", type(exc).__name__)
-        raise DecodeError("the image could not be decoded; it may be corrupt or truncated") from exc
-    t1 = time.perf_counter()
-    try:
-        tensor = np.asarray(preprocess(frame, pipeline.card.preprocess), dtype=np.float32)
-    except FuscError:
-        raise
-    except Exception as exc:
-        logger.warning("preprocess raised %s; answering preprocess_failed", type(exc).__name__)
-        raise PreprocessError("the image decoded but could not be prepared for the model") from exc
-    t2 = time.perf_counter()
-    if tensor.shape != pipeline.input_shape:
-        raise PreprocessError(
-            f"preprocessing gave shape {tensor.shape}, the model needs {pipeline.input_shape}"
-        )
-    return Prepared(tensor=tensor, decode_ms=(t1 - t0) * 1000.0, clean_ms=(t2 - t1) * 1000.0)
+    return prepare_image(
+        data,
+        pipeline.card.preprocess,
+        max_bytes=pipeline.max_bytes,
+        max_pixels=pipeline.max_pixels,
+        input_shape=pipeline.input_shape,
+        frame_index=index,
+    )
 
 
 def classify(

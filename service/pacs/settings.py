@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.settings import SettingsError
+from service.settings import SettingsError, validate_settings
 
 ENV_PREFIX = "FUSC_PACS_"
 
@@ -147,11 +147,4 @@ class PacsSettings(BaseModel):
                     unknown.append(key)
         if unknown:
             raise SettingsError(f"unknown PACS settings: {', '.join(sorted(unknown))}")
-        try:
-            return cls.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{'.'.join(str(p) for p in e['loc']).upper() or '*'}: {e['msg']}"
-                for e in exc.errors(include_input=False)
-            )
-            raise SettingsError(f"invalid PACS settings: {problems}") from exc
+        return validate_settings(cls, values, ENV_PREFIX, "PACS settings")

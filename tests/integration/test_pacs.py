@@ -61,15 +61,6 @@ def stack(
         orthanc.stop()
 
 
-def phi_texts(worker: WorkerProcess) -> list[str]:
-    queue = worker.queue()
-    try:
-        codes = " ".join(str(j["error_code"]) for j in queue.jobs())
-    finally:
-        queue.close()
-    return [worker.log.read_text(errors="replace"), worker.metrics(), codes]
-
-
 @pytest.mark.parametrize("stack", [True], indirect=True, ids=["lua-routing"])
 def test_cstore_and_orthanc_routing_into_the_receiver(stack: tuple[Orthanc, WorkerProcess]) -> None:
     orthanc, worker = stack
@@ -113,7 +104,7 @@ def test_cstore_and_orthanc_routing_into_the_receiver(stack: tuple[Orthanc, Work
     assert metric_value(metrics, "fusc_pacs_writebacks_total", {"form": "sr"}) == images
     assert metric_value(metrics, "fusc_pacs_queue_jobs", {"state": "done"}) == images
     assert metric_value(metrics, "fusc_pacs_oldest_job_age_seconds") == 0
-    assert_no_phi(*phi_texts(worker))
+    assert_no_phi(*worker.outputs())
 
 
 def test_watcher_outage_and_sigkill_keep_exactly_one_result(stack: tuple[Orthanc, WorkerProcess]) -> None:
@@ -159,7 +150,7 @@ def test_watcher_outage_and_sigkill_keep_exactly_one_result(stack: tuple[Orthanc
         orthanc.upload(inst.data)
     worker.wait_settled(expected=7 + len(second), timeout_s=90)
     check_results(orthanc, worker, first + second, {"metadata", "sr"})
-    assert_no_phi(*phi_texts(worker))
+    assert_no_phi(*worker.outputs())
 
 
 def test_qido_watcher_finds_new_instances_by_study_date(stack: tuple[Orthanc, WorkerProcess]) -> None:

@@ -73,15 +73,6 @@ def wait_done(worker: WorkerProcess, at_least: int, timeout_s: float = 120) -> i
     return n
 
 
-def texts(worker: WorkerProcess) -> list[str]:
-    queue = worker.queue()
-    try:
-        codes = " ".join(str(j["error_code"]) for j in queue.jobs())
-    finally:
-        queue.close()
-    return [worker.log.read_text(errors="replace"), worker.metrics(), codes]
-
-
 def test_200_stored_into_orthanc_survive_sigkill_and_a_30s_outage(
     stack: tuple[Orthanc, WorkerProcess],
 ) -> None:
@@ -116,7 +107,7 @@ def test_200_stored_into_orthanc_survive_sigkill_and_a_30s_outage(
     assert (
         metric_value(metrics, "fusc_pacs_ignored_total", {"source": "dicomweb", "reason": "sop_class"}) >= 1
     )
-    assert_no_phi(*texts(worker))
+    assert_no_phi(*worker.outputs())
 
 
 def test_200_cstored_to_the_receiver_survive_sigkill(stack: tuple[Orthanc, WorkerProcess]) -> None:
@@ -150,4 +141,4 @@ def test_200_cstored_to_the_receiver_survive_sigkill(stack: tuple[Orthanc, Worke
     resent = len([i for i in first[:20] if i.kind != "pdf"])
     assert metric_value(metrics, "fusc_pacs_duplicates_total", {"source": "cstore"}) >= resent
     assert metric_value(metrics, "fusc_pacs_ignored_total", {"source": "cstore", "reason": "sop_class"}) >= 1
-    assert_no_phi(*texts(worker))
+    assert_no_phi(*worker.outputs())

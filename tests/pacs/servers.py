@@ -250,6 +250,16 @@ class WorkerProcess:
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=5).text
 
+    def outputs(self) -> list[str]:
+        """Everything the worker writes that a person or a scraper reads: its log, its metrics and the error
+        codes of its jobs (the texts a patient identifier must never appear in)."""
+        queue = self.queue()
+        try:
+            codes = " ".join(str(j["error_code"]) for j in queue.jobs())
+        finally:
+            queue.close()
+        return [self.log.read_text(errors="replace"), self.metrics(), codes]
+
     def queue(self) -> JobQueue:
         return JobQueue(self.data_dir / "queue.sqlite3", self.data_dir / "spool").open(exclusive=False)
 
