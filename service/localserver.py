@@ -20,6 +20,18 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def stop_process_group(proc: subprocess.Popen, term_wait_s: float = 20.0, kill_wait_s: float = 5.0) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session=True``), SIGKILL if it is still
+    there after ``term_wait_s``."""
+    for sig, wait_s in ((signal.SIGTERM, term_wait_s), (signal.SIGKILL, kill_wait_s)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait_s)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,10 +94,4 @@ def run_service(
             time.sleep(0.25)
         yield running
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait_s)
+        stop_process_group(proc)

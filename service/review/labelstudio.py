@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -26,6 +25,7 @@ from xml.sax.saxutils import quoteattr
 
 import httpx
 
+from service.localserver import stop_process_group
 from service.review.images import ImageStore
 from service.review.state import Review
 from service.taxonomy import VIEWS
@@ -295,11 +295,4 @@ def run_label_studio(
             time.sleep(1.0)
         yield ls
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        stop_process_group(proc, term_wait_s=20.0, kill_wait_s=10.0)

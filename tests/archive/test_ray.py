@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from service.archive import store
+from service.localserver import stop_process_group
 from tests.archive.conftest import make_archive
 
 pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -47,16 +48,6 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
 
 
 def _leftovers(marker: str) -> list[int]:
@@ -124,7 +115,7 @@ def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
         yield address, env
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process_group(proc)
         for pid in _leftovers(temp):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

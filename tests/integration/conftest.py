@@ -7,7 +7,6 @@ One server per model repository under test: the tiny fixture repository always, 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from service.card import CARD_FILENAME
+from service.localserver import stop_process_group
 from tests.service.conftest import build_tiny_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,22 +57,6 @@ def _tail(path: Path, lines: int = 40) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's own process group (it was started in a new session), then SIGKILL if it hangs."""
-    if proc.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, STOP_TIMEOUT_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def start_server(
@@ -120,7 +104,7 @@ def start_server(
             time.sleep(0.25)
         yield Server(url=url, repository=repository, log=log)
     finally:
-        _stop(proc)
+        stop_process_group(proc, term_wait_s=STOP_TIMEOUT_S)
 
 
 def _repository_params() -> list[object]:

@@ -14,7 +14,6 @@ import contextlib
 import csv
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pytest
 
 from service.archive.store import RESULT_SCHEMA, RunManifest, write_manifest, write_results
+from service.localserver import stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = REPO_ROOT / "model_repository"
@@ -197,10 +197,4 @@ def review_server(
             time.sleep(0.2)
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        stop_process_group(proc, term_wait_s=15.0)
