@@ -54,13 +54,18 @@ def _css(driver, selector):
 
 def _go(driver, selector) -> None:
     """Click what ``selector`` finds and wait for the page it leads to (a form post, a link)."""
-    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    old = driver.find_element("tag name", "html")
+    # A mark on the old page's window object: a new document starts without it. (Waiting for the old <html>
+    # element to go stale races with Chromium, which may answer "node does not belong to the document".)
+    driver.execute_script("window.__fuscOldPage = true")
     _css(driver, selector).click()
-    WebDriverWait(driver, 30).until(ec.staleness_of(old))
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.__fuscOldPage === undefined && document.readyState === 'complete'"
+        )
+    )
 
 
 def _select(driver, selector, value):
