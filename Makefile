@@ -136,7 +136,10 @@ LABELSTUDIO_VENV ?= .venv-labelstudio
 RUN ?= runs/archive
 REVIEW_PORT ?= 8765
 
-.PHONY: labelstudio-venv review test-review test-labelstudio
+LABELSTUDIO_DATA ?= runs/labelstudio
+LABELSTUDIO_PORT ?= 8080
+
+.PHONY: labelstudio-venv labelstudio review test-review test-labelstudio
 
 $(LABELSTUDIO_VENV)/.setup: service/review/requirements-labelstudio.txt
 	$(PYTHON) -m venv $(LABELSTUDIO_VENV)
@@ -145,6 +148,12 @@ $(LABELSTUDIO_VENV)/.setup: service/review/requirements-labelstudio.txt
 	touch $@
 
 labelstudio-venv: $(LABELSTUDIO_VENV)/.setup
+
+# Label Studio on 127.0.0.1:$(LABELSTUDIO_PORT) for the review, until Ctrl-C; it prints how to point the
+# review app at it (credentials made once in $(LABELSTUDIO_DATA)/fusc-credentials.json).
+labelstudio: setup labelstudio-venv
+	$(PY) -m service.review.labelstudio --venv $(LABELSTUDIO_VENV) --data-dir $(LABELSTUDIO_DATA) \
+	  --port $(LABELSTUDIO_PORT)
 
 # The review web app over a finished archive run: make review RUN=runs/archive
 review: setup

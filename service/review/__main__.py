@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_repository=args.model_repository,
         labelstudio_url=args.labelstudio_url,
         labelstudio_token=os.environ.get("FUSC_LABELSTUDIO_TOKEN"),
-        labelstudio_root=args.labelstudio_root,
+        labelstudio_root=args.labelstudio_root.resolve() if args.labelstudio_root else None,
     )
     try:
         app = create_app(config)

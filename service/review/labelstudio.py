@@ -8,15 +8,21 @@ carries the image's key, its cluster and its confidence, and a prediction (the c
 the confidence) when its cluster has a name.
 
 ``run_label_studio`` starts Label Studio from its own venv on 127.0.0.1 with everything that calls home
-switched off (tests and local use; ``make labelstudio-venv`` builds the venv).
+switched off (tests and local use; ``make labelstudio-venv`` builds the venv); ``python -m
+service.review.labelstudio`` (``make labelstudio``) does so from the command line, with credentials made
+once and kept in its data folder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -296,3 +302,82 @@ def run_label_studio(
         yield ls
     finally:
         stop_process_group(proc, term_wait_s=20.0, kill_wait_s=10.0)
+
+
+def credentials(data_dir: Path) -> dict[str, str]:
+    """The admin user, password and API token of the Label Studio kept in ``data_dir``: made once (random,
+    in ``fusc-credentials.json``, readable by its owner only) and the same at every later start."""
+    path = Path(data_dir) / "fusc-credentials.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    creds = {
+        "user": "review@fusc.local",
+        "password": secrets.token_urlsafe(18),
+        "token": secrets.token_hex(20),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(creds, f)
+    return creds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m service.review.labelstudio``: Label Studio for the review, on 127.0.0.1, until stopped."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m service.review.labelstudio",
+        description="Start Label Studio (from its own venv) on 127.0.0.1 for the review app, nothing calling "
+        "home, until Ctrl-C or SIGTERM.",
+    )
+    ap.add_argument("--venv", type=Path, default=Path(".venv-labelstudio"))
+    ap.add_argument(
+        "--data-dir", type=Path, default=Path("runs/labelstudio"), help="its database and uploads"
+    )
+    ap.add_argument(
+        "--files-root",
+        type=Path,
+        default=None,
+        help="LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, the review's --labelstudio-root "
+        "(default DATA_DIR/files)",
+    )
+    ap.add_argument("--port", type=int, default=8080)
+    args = ap.parse_args(argv)
+    files_root = (args.files_root or args.data_dir / "files").resolve()
+    files_root.mkdir(parents=True, exist_ok=True)
+    creds = credentials(args.data_dir)
+
+    def _stop(signum, frame):  # SIGTERM ends the block below, which stops Label Studio's process group
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        with run_label_studio(
+            args.venv,
+            args.data_dir.resolve(),
+            files_root,
+            token=creds["token"],
+            user=creds["user"],
+            password=creds["password"],
+            port=args.port,
+            log=args.data_dir / "labelstudio.log",
+        ) as ls:
+            print(
+                f"Label Studio on {ls.url} (user {creds['user']}; password and API token in "
+                f"{args.data_dir / 'fusc-credentials.json'}). For the review app:\n"
+                f"  FUSC_LABELSTUDIO_URL={ls.url} FUSC_LABELSTUDIO_ROOT={files_root} "
+                f"FUSC_LABELSTUDIO_TOKEN=<token> python -m service.review RUN_DIR",
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    except LabelStudioError as exc:
+        print(f"fusc labelstudio: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,15 +12,18 @@ import csv
 import io
 import os
 import re
-import secrets
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from starlette.testclient import TestClient
 
+from service.localserver import stop_process_group
 from service.review.app import ReviewConfig, create_app
-from service.review.labelstudio import FROM_NAME, run_label_studio
+from service.review.labelstudio import FROM_NAME, LabelStudio, credentials, free_port
 from tests.review.conftest import REPO_ROOT, copy_repository, make_phantom_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -30,20 +33,34 @@ VENV = Path(os.environ.get("FUSC_LABELSTUDIO_VENV", REPO_ROOT / ".venv-labelstud
 
 @pytest.fixture(scope="module")
 def label_studio(tmp_path_factory):
+    """Label Studio as a user starts it: ``python -m service.review.labelstudio`` (``make labelstudio``)."""
     if not (VENV / "bin" / "label-studio").exists():
         pytest.skip(f"no Label Studio venv at {VENV}: build it with `make labelstudio-venv`")
     root = tmp_path_factory.mktemp("labelstudio")
-    docs = root / "documents"
-    docs.mkdir()
-    with run_label_studio(
-        VENV,
-        root / "data",
-        docs,
-        token=secrets.token_hex(16),
-        password=secrets.token_urlsafe(16),
-        log=root / "labelstudio.log",
-    ) as ls:
+    data, docs, port = root / "data", root / "documents", free_port()
+    cmd = [sys.executable, "-m", "service.review.labelstudio", "--venv", str(VENV), "--data-dir", str(data)]
+    cmd += ["--files-root", str(docs), "--port", str(port)]
+    out = open(root / "cli.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while b"Label Studio on " not in (root / "cli.log").read_bytes():
+            assert proc.poll() is None, (root / "cli.log").read_text(errors="replace")
+            assert time.monotonic() < deadline, "Label Studio was not ready after 300 s"
+            time.sleep(1.0)
+        creds = credentials(data)
+        assert (data / "fusc-credentials.json").stat().st_mode & 0o077 == 0  # its owner's only
+        ls = LabelStudio(f"http://127.0.0.1:{port}", creds["token"])
+        assert ls.ready()
+        # No secret in what the command prints.
+        printed = (root / "cli.log").read_text(errors="replace")
+        assert creds["token"] not in printed and creds["password"] not in printed
         yield ls, docs
+    finally:
+        stop_process_group(proc, term_wait_s=40.0)
+        out.close()
+    assert proc.returncode == 0, (root / "cli.log").read_text(errors="replace")
+    assert not LabelStudio(f"http://127.0.0.1:{port}", "x").ready()  # stopped with the command
 
 
 def test_tasks_with_pre_annotations_in_and_an_annotation_back(label_studio, tmp_path):
