@@ -10,9 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def block(name: str) -> str:
-    match = re.search(rf"<!-- {name} -->(.*?)<!-- /{name} -->", README, re.S)
-    assert match, f"the README has no {name} block"
+def block(name: str, text: str = README) -> str:
+    match = re.search(rf"<!-- {name} -->(.*?)<!-- /{name} -->", text, re.S)
+    assert match, f"no {name} block"
     return " ".join(match.group(1).split())
 
 
@@ -59,3 +59,22 @@ def test_load_and_memory_figures_match_the_committed_benchmarks() -> None:
     ratio = f"p99 was {at80['p99_over_p50']:.1f}x p50 ({at80['p99_ms']} vs {at80['p50_ms']} ms)"
     assert ratio in text
     assert ("not met" in text) == (at80["p99_over_p50"] > 3.0)
+
+
+def test_pacs_figures_in_the_docs_match_the_committed_benchmark() -> None:
+    data = json.loads((ROOT / "benchmarks" / "results" / "pacs.json").read_text())
+    text = block("pacs-figures", (ROOT / "docs" / "pacs.md").read_text())
+    n = data["instances"]
+    assert f"**{data['end_to_end_instances_per_s']} instances/s** ({n} in {data['seconds_total']} s)" in text
+    assert f"| {data['cstore_acknowledged_per_s']} instances/s |" in text
+    assert f"p50 {data['latency_s']['p50']} s, p95 {data['latency_s']['p95']} s" in text
+    assert f"| {data['bare_pipeline_instances_per_s']} instances/s |" in text
+    assert f"| {data['ratio_pacs_to_bare_pipeline']} |" in text
+
+
+def test_archive_pool_figures_in_the_docs_match_the_committed_benchmark() -> None:
+    data = json.loads((ROOT / "benchmarks" / "results" / "archive.json").read_text())
+    text = block("archive-pool", (ROOT / "docs" / "archive.md").read_text())
+    pool, single = data["pool_steady_images_per_s"], data["single_process_steady_images_per_s"]
+    assert f"{pool} against {single} images/s steady = **{data['pool_over_single']}x**" in text
+    assert f"= {data['pool_over_single_with_start_up']}x with the pool's start-up" in text

@@ -5,6 +5,7 @@
 * The DICOMweb watcher on Orthanc's /changes, then an Orthanc outage during which instances are C-STOREd
   to the receiver, a SIGKILL of the worker with write-backs pending, a restart, Orthanc back: each image
   instance ends with exactly one result and one SR, retried with backoff, none lost, none doubled.
+* The ``every_nth`` frame policy: the frames it looked at and its vote, against the same frames run here.
 
 Both check the dead-letter codes of a corrupt instance and of one without pixel data, that a non-image
 class is ignored and counted, and grep the worker's log, /metrics and the queue's error codes for the
@@ -14,12 +15,16 @@ phantom identity. tests/integration/test_pacs_scale.py runs the 200-instance ver
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.pacs.phantoms import mixed_set
+from service.pipeline import load_pipeline, prepare_image
+from service.settings import Settings
+from tests.pacs.phantoms import MF_FRAMES, make_instance, mixed_set
 from tests.pacs.servers import (
     Orthanc,
     WorkerProcess,
@@ -182,3 +187,49 @@ def test_qido_watcher_finds_new_instances_by_study_date(stack: tuple[Orthanc, Wo
     assert counts["done"] == 5 and sum(counts.values()) == 5
     assert metric_value(worker.metrics(), "fusc_pacs_duplicates_total", {"source": "dicomweb"}) >= 5
     check_results(orthanc, worker, instances, {"sr"})
+
+
+def test_every_nth_frame_policy_votes_over_the_frames(
+    stack: tuple[Orthanc, WorkerProcess], repository: Path
+) -> None:
+    """``FUSC_PACS_FRAME_POLICY=every_nth``: the worker looks at frames 0, N, 2N, ... of each instance and
+    answers the cluster most of them fall in; the votes equal those of the same frames run here."""
+    orthanc, worker = stack
+    worker.env.update(
+        {
+            "FUSC_PACS_FRAME_POLICY": "every_nth",
+            "FUSC_PACS_FRAME_STEP": "2",
+            "FUSC_PACS_WRITEBACK": "sr",
+            "FUSC_PACS_SR_STORE": "cstore",
+            "FUSC_PACS_ALLOWED_CALLING_AETS": "US_SCANNER",
+        }
+    )
+    orthanc.start()
+    worker.start()
+    instances = [make_instance(k, 300 + i) for i, k in enumerate(("us_mf", "us_mf_jpeg", "us_mf", "us"))]
+    assert set(cstore(instances, worker.receiver_port).values()) == {0x0000}
+    worker.wait_settled(expected=len(instances), timeout_s=60)
+    jobs = check_results(orthanc, worker, instances, {"sr"})
+
+    pipeline = load_pipeline(Settings(model_repository=repository))
+    for inst in instances:
+        result = jobs[inst.sop_instance_uid]["result"]
+        n = MF_FRAMES.get(inst.kind, 1)
+        assert (result["frame_policy"], result["n_frames"]) == ("every_nth", n)
+        assert result["frames"] == list(range(0, n, 2))
+        tensors = [
+            prepare_image(
+                inst.data,
+                pipeline.card.preprocess,
+                pipeline.max_bytes,
+                pipeline.max_pixels,
+                pipeline.input_shape,
+                frame_index=i,
+            ).tensor
+            for i in result["frames"]
+        ]
+        winners = pipeline.infer(np.stack(tensors)).probs.argmax(axis=1)
+        votes = Counter(str(int(c)) for c in winners)
+        assert result["votes"] == dict(sorted(votes.items()))
+        assert votes[str(result["cluster"])] == max(votes.values())
+    assert_no_phi(*worker.outputs())
