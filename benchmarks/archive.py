@@ -37,6 +37,14 @@ from service.settings import DEFAULT_MODEL_REPOSITORY, available_cores
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "archive.json"
+
+
+def _shown(path: Path) -> str:
+    """A path as a result file records it: relative to the project when inside it (no machine's layout)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 TARGET_POOL_OVER_SINGLE = 1.7
 
 
@@ -219,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = {
             "when": stamp,
             "machine": machine,
-            "model_repository": str(args.model_repository),
+            "model_repository": _shown(args.model_repository),
             **throughput(args.images, args.repeats, args.workers, args.model_repository, args.data),
         }
     _write(result, args.out or (RESULT if args.command == "throughput" else Path(f"{args.command}.json")))
