@@ -270,7 +270,7 @@ class ProcessPreprocessor(Preprocessor):
     async def run(self, data: bytes) -> Prepared | FuscError:
         self.pending += 1
         try:
-            for attempt in range(2):
+            for _ in range(2):  # a worker that dies costs its images one more try in the new pool
                 generation = self._generation
                 try:
                     out = await self._submit(data)
@@ -280,13 +280,11 @@ class ProcessPreprocessor(Preprocessor):
                         self._pool.shutdown(wait=False, cancel_futures=True)
                         self._generation += 1
                         self._pool = self._new_pool()
-                    if attempt == 0:
-                        continue
-                    return DecodeError("the image could not be decoded: it stopped the decoder twice")
+                    continue
                 if isinstance(out, Prepared):
                     observe_prepared(out)
                 return out
-            raise AssertionError("unreachable")
+            return DecodeError("the image could not be decoded: it stopped the decoder twice")
         finally:
             self.pending -= 1
 

@@ -266,10 +266,11 @@ class Pipeline:
 
     # Errors are counted in fusc_errors_total where they are answered (cluster() here, the HTTP layer in
     # the service), so that prepare() and infer() can be chained by either without counting twice.
-    def prepare(self, data: bytes) -> Prepared:
-        """decode + clean one image; raises a FuscError that belongs to this image only."""
+    def prepare(self, data: bytes, frame_index: int | None = None) -> Prepared:
+        """decode + clean one image (``frame_index``: that frame of a multi-frame DICOM); raises a FuscError
+        that belongs to this image only."""
         prepared = prepare_image(
-            data, self.card.preprocess, self.max_bytes, self.max_pixels, self.input_shape
+            data, self.card.preprocess, self.max_bytes, self.max_pixels, self.input_shape, frame_index
         )
         observe_prepared(prepared)
         return prepared

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import FuscError
-from service.pipeline import ClusterResult, Pipeline, Prepared, prepare_image
+from service.pipeline import ClusterResult, Pipeline
 
 
 def frame_indices(n_frames: int, policy: str, step: int, limit: int) -> list[int]:
@@ -42,18 +42,6 @@ def majority(probs: np.ndarray) -> tuple[int, int, dict[int, int]]:
     return cluster, row, votes
 
 
-def _prepare_frame(pipeline: Pipeline, data: bytes, index: int) -> Prepared:
-    """``Pipeline.prepare`` for one chosen frame (the same decode and clean, the same error codes)."""
-    return prepare_image(
-        data,
-        pipeline.card.preprocess,
-        max_bytes=pipeline.max_bytes,
-        max_pixels=pipeline.max_pixels,
-        input_shape=pipeline.input_shape,
-        frame_index=index,
-    )
-
-
 def classify(
     pipeline: Pipeline, data: bytes, n_frames: int, *, policy: str, step: int, limit: int
 ) -> dict[str, Any]:
@@ -68,7 +56,7 @@ def classify(
         assert isinstance(answer, ClusterResult)
         result = answer
     else:
-        prepared = [_prepare_frame(pipeline, data, i) for i in frames]
+        prepared = [pipeline.prepare(data, frame_index=i) for i in frames]
         inference = pipeline.infer(np.stack([p.tensor for p in prepared]))
         cluster, row, votes = majority(inference.probs)
         result = pipeline.result(

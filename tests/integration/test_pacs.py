@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.pipeline import load_pipeline, prepare_image
+from service.pipeline import load_pipeline
 from service.settings import Settings
 from tests.pacs.phantoms import MF_FRAMES, make_instance, mixed_set
 from tests.pacs.servers import (
@@ -217,17 +217,7 @@ def test_every_nth_frame_policy_votes_over_the_frames(
         n = MF_FRAMES.get(inst.kind, 1)
         assert (result["frame_policy"], result["n_frames"]) == ("every_nth", n)
         assert result["frames"] == list(range(0, n, 2))
-        tensors = [
-            prepare_image(
-                inst.data,
-                pipeline.card.preprocess,
-                pipeline.max_bytes,
-                pipeline.max_pixels,
-                pipeline.input_shape,
-                frame_index=i,
-            ).tensor
-            for i in result["frames"]
-        ]
+        tensors = [pipeline.prepare(inst.data, frame_index=i).tensor for i in result["frames"]]
         winners = pipeline.infer(np.stack(tensors)).probs.argmax(axis=1)
         votes = Counter(str(int(c)) for c in winners)
         assert result["votes"] == dict(sorted(votes.items()))
