@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,13 @@ from pathlib import Path
 import httpx
 
 from service.card import load_card
+from service.localserver import free_port
 from service.review.state import image_id
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "model_repository"
 BUNDLED_VIEWS = ("brain", "abdomen", "femur", "thorax_4ch", "spine", "profile", "kidneys")
 PAGE = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_run(work: Path, n: int, seed: int, views: tuple[str, ...]) -> tuple[Path, Path, dict[str, str]]:
@@ -75,7 +69,7 @@ def make_run(work: Path, n: int, seed: int, views: tuple[str, ...]) -> tuple[Pat
 
 @contextlib.contextmanager
 def serve(run: Path, state: Path, repo: Path):
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "service.review", str(run), "--port", str(port), "--state", str(state),
         "--model-repository", str(repo), "--user", "simulated-reviewer",

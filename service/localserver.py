@@ -32,10 +32,11 @@ def stop_process_group(proc: subprocess.Popen, term_wait_s: float = 20.0, kill_w
             proc.wait(timeout=wait_s)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS's pick)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _bentoml() -> list[str]:

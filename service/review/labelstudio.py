@@ -20,7 +20,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from xml.sax.saxutils import quoteattr
 
 import httpx
 
-from service.localserver import stop_process_group
+from service.localserver import free_port, stop_process_group
 from service.review.images import ImageStore
 from service.review.state import Review
 from service.taxonomy import VIEWS
@@ -239,10 +238,6 @@ def pull(ls: LabelStudio, project: int) -> tuple[dict[str, str], list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ the server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def quiet_env(data_dir: Path, document_root: Path, token: str, user: str, password: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 
 from service.archive import store
-from service.localserver import stop_process_group
+from service.localserver import free_port, stop_process_group
 from tests.archive.conftest import make_archive
 
 pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install -e '.[ray]')")
@@ -42,12 +41,6 @@ def _ray() -> str:
     if not script.exists():
         pytest.skip("no ray command beside the interpreter")
     return str(script)
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _leftovers(marker: str) -> list[int]:
@@ -79,7 +72,7 @@ def ray_cluster() -> Iterator[tuple[str, dict[str, str]]]:
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    port = _free_port(HEAD_IP)
+    port = free_port(HEAD_IP)
     address = f"{HEAD_IP}:{port}"
     common = ["--block", "--num-cpus", "1", "--disable-usage-stats", "--temp-dir", temp]
     procs: list[subprocess.Popen] = []

@@ -7,7 +7,6 @@ One server per model repository under test: the tiny fixture repository always, 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import httpx
 import pytest
 
 from service.card import CARD_FILENAME
-from service.localserver import stop_process_group
+from service.localserver import free_port, stop_process_group
 from tests.service.conftest import build_tiny_repository
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -41,12 +40,6 @@ class Server:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _bentoml_command() -> list[str]:
     script = Path(sys.executable).with_name("bentoml")
     return [str(script)] if script.exists() else [sys.executable, "-m", "bentoml"]
@@ -63,7 +56,7 @@ def start_server(
     repository: Path, workdir: Path, extra_env: dict[str, str] | None = None, *, probe: str = "/readyz"
 ) -> Iterator[Server]:
     """Start ``bentoml serve service.api:FuscService`` on a free port, wait for ``probe``, yield, stop."""
-    port = _free_port()
+    port = free_port()
     log = workdir / f"server-{port}.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FUSC_", "PROMETHEUS_MULTIPROC_DIR"))}
     env.update(

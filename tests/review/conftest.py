@@ -14,7 +14,6 @@ import contextlib
 import csv
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pytest
 
 from service.archive.store import RESULT_SCHEMA, RunManifest, write_manifest, write_results
-from service.localserver import stop_process_group
+from service.localserver import free_port, stop_process_group
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = REPO_ROOT / "model_repository"
@@ -39,12 +38,6 @@ BUNDLED_VIEWS = ("brain", "abdomen", "femur", "thorax_4ch", "spine", "profile", 
 def pytest_configure(config: pytest.Config) -> None:
     # starlette's TestClient asks for httpx2 from its 1.x on; the httpx it ships with still works.
     config.addinivalue_line("filterwarnings", "ignore:Using `httpx` with `starlette.testclient`")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def copy_repository(dst: Path) -> Path:
